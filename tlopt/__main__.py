@@ -1,0 +1,3 @@
+from tlopt.cli import main
+
+main()

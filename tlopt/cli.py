@@ -1,0 +1,329 @@
+"""The ``tlopt`` command: thin commands over the library.
+
+Each command parses its options, calls one library function and prints. User errors
+(``TloptError``) print one line per problem and exit with code 2; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer._click import exceptions as click_exceptions  # typer vendors click
+
+from tlopt.errors import TloptError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Hyperparameter optimisation for staged transfer learning on images.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Inspect data sources.")
+model_app = typer.Typer(no_args_is_help=True, help="Backbones and stages.")
+study_app = typer.Typer(no_args_is_help=True, help="Create, list, show and delete studies.")
+app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
+app.add_typer(study_app, name="study")
+
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="Storage URL (sqlite:///FILE or postgresql://...); default: "
+        "$TLOPT_STORAGE, else sqlite:///studies/tlopt.db.",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        if isinstance(v, dict):
+            return " ".join(f"{k}={fmt(x)}" for k, x in v.items())
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+@data_app.command("check")
+def data_check(
+    path: Annotated[
+        str | None, typer.Argument(help="Image folder or CIFAR-10 batches folder.")
+    ] = None,
+    source: Annotated[str, typer.Option(help="folder, digits or cifar10.")] = "folder",
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> None:
+    """Classes, counts per split, image sizes, and every unreadable file with its reason."""
+    from tlopt.data.check import check_source, format_report
+
+    if source == "folder" and path is None:
+        raise TloptError("tlopt data check needs a PATH (or --source digits)")
+    report = check_source(
+        source, path, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+    )
+    typer.echo(format_report(report))
+
+
+@model_app.command("list")
+def model_list(
+    pattern: Annotated[str, typer.Argument(help="Wildcard, e.g. 'resnet*'.")] = "*",
+    pretrained: Annotated[bool, typer.Option(help="Only models with pretrained weights.")] = False,
+) -> None:
+    """List timm backbones."""
+    import timm
+
+    for name in timm.list_models(pattern, pretrained=pretrained):
+        typer.echo(name)
+
+
+@model_app.command("summary")
+def model_summary(
+    name: str,
+    weights: Annotated[str, typer.Option(help="none, pretrained, bundled or file:PATH.")] = "none",
+    classes: Annotated[int, typer.Option(help="Outputs of the new head.")] = 2,
+    image_size: int = 224,
+) -> None:
+    """The model with and without its head, and per stage the frozen groups and trainable count."""
+    from tlopt.models.backbones import create_backbone
+    from tlopt.models.summary import summary_text
+
+    if classes < 2:
+        raise TloptError(f"--classes {classes}: a classifier needs at least 2 classes")
+    model = create_backbone(name, weights, num_classes=classes)
+    typer.echo(summary_text(model, name, image_size))
+
+
+@study_app.command("create")
+def study_create(
+    config: Annotated[Path, typer.Option("--config", help="Study file (TOML).")],
+    stage: Annotated[str, typer.Option(help="head, freeze1, freeze2, freezeN, full, scratch.")],
+    storage: StorageOpt = None,
+    name: Annotated[str | None, typer.Option(help="Study name; default NAME/STAGE.")] = None,
+    data: Annotated[str | None, typer.Option(help="Override data.path of the study file.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Validate and show; create nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the Optuna study of one stage."""
+    from tlopt.config import load_config
+    from tlopt.tune.study import create
+
+    cfg = load_config(config, data_path=data)
+    plan = create(cfg, stage, storage, name, dry_run=dry_run)
+    if as_json:
+        _print_json(plan.__dict__)
+        return
+    verb = "created" if plan.created else "would create"
+    typer.echo(f"{verb} study '{plan.name}' in {plan.storage}")
+    typer.echo(
+        f"  stage {plan.stage}: {plan.trainable_params:,} of {plan.total_params:,} "
+        f"parameters train" + (f", head from '{plan.head_from}'" if plan.head_from else "")
+    )
+    typer.echo(f"  {len(plan.classes)} classes; images per split: {plan.counts}")
+    size = plan.space_size if plan.space_size is not None else "continuous"
+    typer.echo(f"  search space: {size} points; budget {cfg.n_trials} trials")
+    if plan.created:
+        typer.echo(f"next: tlopt worker --study {plan.name}")
+
+
+@study_app.command("list")
+def study_list(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
+    """Every study in the storage with its trials by state and best value."""
+    from tlopt.tune.study import list_studies
+
+    rows = list_studies(storage)
+    if as_json:
+        _print_json(rows)
+    elif not rows:
+        typer.echo("no studies: create one with 'tlopt study create --config FILE --stage head'")
+    else:
+        typer.echo(
+            _table(
+                rows,
+                [
+                    "name",
+                    "stage",
+                    "complete",
+                    "pruned",
+                    "running",
+                    "failed",
+                    "best_value",
+                    "best_accuracy",
+                ],
+            )
+        )
+
+
+@study_app.command("show")
+def study_show(name: str, storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
+    """The study's trials: state, params, value, accuracy, epochs run, time."""
+    from tlopt.tune.study import show
+
+    info = show(name, storage)
+    if as_json:
+        _print_json(info)
+        return
+    attrs = info["attrs"]
+    typer.echo(
+        f"study {name}: stage {attrs.get('stage')}, {len(attrs.get('classes', []))} "
+        f"classes, data {str(attrs.get('fingerprint'))[:12]}"
+    )
+    typer.echo(
+        _table(
+            info["trials"],
+            ["number", "state", "value", "val_accuracy", "epochs_run", "seconds", "params", "note"],
+        )
+    )
+
+
+@study_app.command("delete")
+def study_delete(
+    name: str,
+    storage: StorageOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+) -> None:
+    """Delete a study and its trials (artifact files stay on disk)."""
+    from tlopt.tune.study import delete
+
+    if not yes and not typer.confirm(f"delete study '{name}' and all its trials?"):
+        raise typer.Exit(1)
+    delete(name, storage)
+    typer.echo(f"deleted study '{name}'")
+
+
+@app.command("worker")
+def worker(
+    study: Annotated[str, typer.Option(help="Study name, e.g. demo/head.")],
+    storage: StorageOpt = None,
+    n_trials: Annotated[
+        int | None,
+        typer.Option(help="Finished trials the study should hold in all (shared by every worker)."),
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    gpus: Annotated[
+        str | None, typer.Option(help="GPU ids ('0,1') or 'all': one process per GPU slot.")
+    ] = None,
+    per_gpu: Annotated[int, typer.Option(help="Trial processes per GPU.")] = 1,
+    processes: Annotated[int, typer.Option(help="Worker processes on the CPU.")] = 1,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
+) -> None:
+    """Run trials until the study holds its budget of finished trials."""
+    from tlopt.tune.worker import parse_gpus, supervise, work
+
+    gpu_ids = parse_gpus(gpus)
+    if per_gpu < 1 or processes < 1:
+        raise TloptError("--per-gpu and --processes must be at least 1")
+    if gpu_ids or processes > 1:
+        raise typer.Exit(supervise(study, storage, n_trials, timeout, gpu_ids, per_gpu, processes))
+    summary = work(study, storage, n_trials, timeout, device)
+    typer.echo(
+        f"worker done: {summary.complete} complete, {summary.pruned} pruned, "
+        f"{summary.failed} failed"
+    )
+
+
+@app.command("export-best")
+def export_best(
+    study: Annotated[str, typer.Option(help="Study name.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    storage: StorageOpt = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace tlopt's files in a non-empty --out.")
+    ] = False,
+) -> None:
+    """Retrain the best trial and export model, history, metrics, plots and descriptors."""
+    from tlopt.export.bundle import export_best as run
+
+    manifest = run(study, out, storage, device, force)
+    typer.echo(f"exported trial {manifest['trial']} of '{study}' to {out}")
+    typer.echo(
+        f"  tuned val_loss {manifest['tuned_value']:.4f}, retrained "
+        f"{manifest['retrained_value']:.4f}; {manifest['evaluated_split']} accuracy "
+        f"{manifest['accuracy']:.4f}"
+    )
+
+
+@app.command("extract")
+def extract(
+    model: Annotated[Path, typer.Option(help="Folder written by export-best.")],
+    images: Annotated[Path, typer.Option(help="Folder of images (any layout).")],
+    out: Annotated[Path, typer.Option(help="Output .npy; a .csv of paths goes beside it.")],
+) -> None:
+    """Write descriptors (pooled vectors before the classifier) for every image in a folder."""
+    from tlopt.export.extract import extract_folder
+
+    count, skipped = extract_folder(model, images, out)
+    typer.echo(
+        f"wrote {count} descriptors to {out}"
+        + (f"; skipped {skipped} unreadable files" if skipped else "")
+    )
+
+
+@app.command("dashboard")
+def dashboard(
+    storage: StorageOpt = None,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 127.0.0.1 keeps it local.")
+    ] = "127.0.0.1",
+    port: int = 8080,
+    artifacts: Annotated[str | None, typer.Option(help="Artifact folder.")] = None,
+) -> None:
+    """Serve optuna-dashboard over the study storage, with tlopt's artifacts."""
+    from tlopt.tune.dashboard import serve
+
+    serve(storage, host, port, artifacts)
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *_args: Any, **_kw: Any) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning user errors into one-line messages and exit code 2."""
+    debug = "--debug" in sys.argv
+    argv = [a for a in sys.argv[1:] if a != "--debug"]
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("optuna", "timm", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.showwarning = _warning_line  # type: ignore[assignment]
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        app(args=argv, prog_name="tlopt", standalone_mode=False)
+    except TloptError as exc:
+        if debug:
+            raise
+        for line in str(exc).splitlines():
+            sys.stderr.write(f"error: {line}\n")
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.stderr.write("aborted\n")
+        sys.exit(130)
+    except click_exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(0)
+    except click_exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)

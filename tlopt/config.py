@@ -1,0 +1,462 @@
+"""Study configuration: typed, frozen, validated, loaded from TOML.
+
+A study file describes one family of studies (one per stage): where the data is, which
+backbone and weights, the search space, the pruner, the budget and the storage. Every problem
+is reported as ``FILE: KEY: what is wrong``, one line each, all of them at once.
+
+Search values are lists (a categorical choice; one element fixes the value) or, for ``lr`` and
+``weight_decay``, a range table ``{low = 1e-5, high = 1e-2, log = true}``. ``[stages.NAME]``
+tables override ``[search]`` for one stage (fine-tuning usually wants a lower ``lr``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from tlopt.errors import ConfigError
+
+DATA_SOURCES = ("folder", "digits", "cifar10")
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+# Batch sizes are powers of two: each one is a separate compiled/captured shape on a GPU, and
+# the reference projects searched 8, 16 and 32.
+BATCH_SIZES = tuple(2**k for k in range(1, 11))
+DEFAULT_STORAGE_DIR = Path("studies")
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    low: float
+    high: float
+    log: bool = False
+
+
+Choice = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "folder"
+    path: str = ""
+    image_size: int = 224
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    max_bad_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet34"
+    weights: str = "pretrained"
+    freeze_modules: int | None = None
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    batch_size: Choice = (8, 16, 32)
+    epochs: Choice = (10, 25, 50, 75, 100, 150)
+    decay: Choice = ("constant", "step", "polynomial", "exponential")
+    decay_params: dict[str, dict[str, Choice]] = field(default_factory=dict)
+    lr: Choice | FloatRange = (1e-3,)
+    optimizer: Choice = ("adam",)
+    dropout: Choice = (0.2,)
+    weight_decay: Choice | FloatRange = (0.0,)
+    momentum: Choice = (0.9,)
+    patience: int = 0
+    flip: bool = True
+    bn_train: bool | None = None  # None: only the scratch stage trains BatchNorm statistics
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    type: str = "median"
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 3
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    url: str = ""
+    artifacts: str = ""
+    heartbeat_interval: int = 30
+    grace_period: int = 90
+    max_retry: int = 3
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    seed: int = 0
+    n_trials: int = 20
+    timeout: float = 0.0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    search: SearchSpace = field(default_factory=SearchSpace)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def space_for(self, stage: str) -> SearchSpace:
+        """The search space of ``stage``: ``[search]`` with ``[stages.STAGE]`` on top."""
+        override = self.stages.get(stage, {})
+        return replace(self.search, **override) if override else self.search
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot (stored in the study)."""
+        return _jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<snapshot>") -> StudyConfig:
+        return _Parser(source).study(raw, base_dir=None)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def load_config(path: str | Path, data_path: str | None = None) -> StudyConfig:
+    """Load and validate a study file; raises ConfigError with one line per problem.
+
+    Relative data paths are resolved against the study file's folder.
+
+    Example:
+        >>> cfg = load_config("studies/demo.toml")
+        >>> cfg.space_for("head").batch_size
+        (8, 16, 32)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file '{path}' does not exist: pass --config studies/NAME.toml")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    raw.setdefault("name", path.stem)
+    if data_path is not None:
+        data = raw.setdefault("data", {})
+        if isinstance(data, dict):
+            data["path"] = str(Path(data_path).expanduser().resolve())
+    return _Parser(str(path)).study(raw, base_dir=path.parent)
+
+
+class _Parser:
+    """Walks the raw TOML dict, collecting every problem before raising."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.source}: {key}: {message}")
+
+    def known(self, table: dict[str, Any], allowed: list[str], where: str) -> None:
+        for key in table:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = (
+                    f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(allowed)}"
+                )
+                self.fail(f"{where}{key}", f"unknown key: {hint}")
+
+    def table(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
+        value = raw.get(key, {})
+        if not isinstance(value, dict):
+            self.fail(key, f"must be a table ([{key}]), got {value!r}")
+            return {}
+        return value
+
+    def number(
+        self,
+        raw: dict[str, Any],
+        key: str,
+        default: Any,
+        kind: type,
+        low: float,
+        high: float,
+        where: str,
+    ) -> Any:
+        value = raw.get(key, default)
+        if value is None:
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int:
+            ok = ok and float(value).is_integer()
+        if not ok or not (low <= value <= high) or (isinstance(value, float) and math.isnan(value)):
+            what = "an integer" if kind is int else "a number"
+            self.fail(f"{where}{key}", f"{value!r} is not {what} in [{low:g}, {high:g}]")
+            return default
+        return kind(value)
+
+    def text(
+        self,
+        raw: dict[str, Any],
+        key: str,
+        default: str,
+        where: str,
+        choices: tuple[str, ...] | None = None,
+    ) -> str:
+        value = raw.get(key, default)
+        if not isinstance(value, str):
+            self.fail(f"{where}{key}", f"{value!r} must be a string")
+            return default
+        if choices is not None and value not in choices:
+            close = difflib.get_close_matches(value, choices, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            self.fail(f"{where}{key}", f"'{value}' is not one of {', '.join(choices)}{hint}")
+            return default
+        return value
+
+    def study(self, raw: dict[str, Any], base_dir: Path | None) -> StudyConfig:
+        top = [
+            "name",
+            "seed",
+            "n_trials",
+            "timeout",
+            "data",
+            "model",
+            "search",
+            "stages",
+            "pruner",
+            "storage",
+            "description",
+        ]
+        self.known(raw, top, "")
+        name = self.text(raw, "name", "study", "")
+        if "/" in name or not name:
+            self.fail("name", f"'{name}' must be non-empty and contain no '/' (stages add it)")
+        seed = self.number(raw, "seed", 0, int, 0, 2**32 - 1, "")
+        n_trials = self.number(raw, "n_trials", 20, int, 1, 1_000_000, "")
+        timeout = self.number(raw, "timeout", 0.0, float, 0, 1e9, "")
+        data = self.data(self.table(raw, "data"), base_dir)
+        model = self.model(self.table(raw, "model"))
+        search = self.search(self.table(raw, "search"), "search.", SearchSpace())
+        stages: dict[str, dict[str, Any]] = {}
+        for stage, table in self.table(raw, "stages").items():
+            from tlopt.models.stages import parse_stage
+
+            try:
+                parse_stage(stage)
+            except ConfigError as exc:
+                self.fail(f"stages.{stage}", str(exc))
+                continue
+            if not isinstance(table, dict):
+                self.fail(f"stages.{stage}", "must be a table")
+                continue
+            merged = self.search(table, f"stages.{stage}.", search)
+            stages[stage] = {k: getattr(merged, k) for k in table if hasattr(merged, k)}
+        pruner = self.pruner(self.table(raw, "pruner"))
+        storage = self.storage(self.table(raw, "storage"), base_dir)
+        if self.problems:
+            raise ConfigError("\n".join(self.problems))
+        return StudyConfig(
+            name, seed, n_trials, timeout, data, model, search, stages, pruner, storage
+        )
+
+    def data(self, raw: dict[str, Any], base_dir: Path | None) -> DataConfig:
+        w = "data."
+        self.known(raw, [f for f in DataConfig.__dataclass_fields__], w)
+        source = self.text(raw, "source", "folder", w, DATA_SOURCES)
+        path = self.text(raw, "path", "", w)
+        if source in ("folder", "cifar10") and not path:
+            self.fail(f"{w}path", f"source '{source}' needs a path to the data folder")
+        if path and base_dir is not None and not Path(path).expanduser().is_absolute():
+            path = str((base_dir / Path(path).expanduser()).resolve())
+        size = self.number(raw, "image_size", 224, int, 8, 2048, w)
+        val = self.number(raw, "val_fraction", 0.2, float, 0.01, 0.9, w)
+        test = self.number(raw, "test_fraction", 0.2, float, 0.0, 0.9, w)
+        if val + test >= 0.95:
+            self.fail(
+                f"{w}val_fraction",
+                f"val_fraction + test_fraction = {val + test:g} "
+                "leaves too little to train on; keep the sum below 0.95",
+            )
+        bad = self.number(raw, "max_bad_fraction", 0.1, float, 0.0, 1.0, w)
+        return DataConfig(source, path, size, val, test, bad)
+
+    def model(self, raw: dict[str, Any]) -> ModelConfig:
+        w = "model."
+        self.known(raw, [f for f in ModelConfig.__dataclass_fields__], w)
+        backbone = self.text(raw, "backbone", "resnet34", w)
+        weights = self.text(raw, "weights", "pretrained", w)
+        from tlopt.models.backbones import WeightsSpec, check_model_name
+
+        for check, key, value in (
+            (check_model_name, "backbone", backbone),
+            (WeightsSpec.parse, "weights", weights),
+        ):
+            try:
+                check(value)  # type: ignore[operator]
+            except Exception as exc:
+                self.fail(f"{w}{key}", str(exc))
+        freeze = self.number(raw, "freeze_modules", None, int, 0, 100_000, w)
+        return ModelConfig(backbone, weights, freeze)
+
+    def choices(
+        self,
+        raw: dict[str, Any],
+        key: str,
+        default: Any,
+        where: str,
+        check: Any,
+        allow_range: bool = False,
+    ) -> Any:
+        if key not in raw:
+            return default
+        value = raw[key]
+        if allow_range and isinstance(value, dict):
+            self.known(value, ["low", "high", "log"], f"{where}{key}.")
+            low, high, log = value.get("low"), value.get("high"), bool(value.get("log", False))
+            for bound in (low, high):
+                problem = check(bound)
+                if problem:
+                    self.fail(f"{where}{key}", problem)
+                    return default
+            if low is None or high is None or not low < high:
+                self.fail(f"{where}{key}", f"low ({low}) must be below high ({high})")
+                return default
+            return FloatRange(float(low), float(high), log)
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            self.fail(f"{where}{key}", "is empty: give at least one value")
+            return default
+        ok = True
+        for v in values:
+            problem = check(v)
+            if problem:
+                self.fail(f"{where}{key}", problem)
+                ok = False
+        return tuple(values) if ok else default
+
+    def search(self, raw: dict[str, Any], w: str, base: SearchSpace) -> SearchSpace:
+        self.known(raw, [f for f in SearchSpace.__dataclass_fields__], w)
+
+        def positive_int(high: int) -> Any:
+            def check(v: Any) -> str | None:
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high:
+                    return f"{v!r} is not a whole number between 1 and {high}"
+                return None
+
+            return check
+
+        def batch(v: Any) -> str | None:
+            if v not in BATCH_SIZES or isinstance(v, bool):
+                return f"{v!r} is not one of {', '.join(map(str, BATCH_SIZES))}"
+            return None
+
+        def among(options: tuple[str, ...]) -> Any:
+            def check(v: Any) -> str | None:
+                if v not in options:
+                    close = difflib.get_close_matches(str(v), options, n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    return f"{v!r} is not one of {', '.join(options)}{hint}"
+                return None
+
+            return check
+
+        def real(low: float, high: float, low_open: bool = False) -> Any:
+            def check(v: Any) -> str | None:
+                if (
+                    isinstance(v, bool)
+                    or not isinstance(v, (int, float))
+                    or math.isnan(v)
+                    or not (low < v if low_open else low <= v)
+                    or not v <= high
+                ):
+                    side = "(" if low_open else "["
+                    return f"{v!r} is not a number in {side}{low:g}, {high:g}]"
+                return None
+
+            return check
+
+        from tlopt.train.schedules import DECAY_TYPES, validate_decay_params
+
+        decay = self.choices(raw, "decay", base.decay, w, among(DECAY_TYPES))
+        decay_params = dict(base.decay_params)
+        raw_params = raw.get("decay_params", {})
+        if not isinstance(raw_params, dict):
+            self.fail(f"{w}decay_params", "must be a table of tables, one per decay type")
+            raw_params = {}
+        for kind, params in raw_params.items():
+            if kind not in DECAY_TYPES:
+                self.fail(f"{w}decay_params.{kind}", among(DECAY_TYPES)(kind) or "")
+                continue
+            if not isinstance(params, dict):
+                self.fail(f"{w}decay_params.{kind}", "must be a table of parameter values")
+                continue
+            parsed: dict[str, Choice] = {}
+            for pname, pvalue in params.items():
+                values = pvalue if isinstance(pvalue, list) else [pvalue]
+                try:
+                    for v in values:
+                        validate_decay_params(kind, {pname: v})
+                    parsed[pname] = tuple(values)
+                except ConfigError as exc:
+                    self.fail(f"{w}decay_params.{kind}.{pname}", str(exc))
+            decay_params[kind] = parsed
+        patience = raw.get("patience", base.patience)
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            self.fail(f"{w}patience", f"{patience!r} is not a whole number >= 0 (0: off)")
+            patience = base.patience
+        flip = raw.get("flip", base.flip)
+        if not isinstance(flip, bool):
+            self.fail(f"{w}flip", f"{flip!r} must be true or false")
+            flip = base.flip
+        bn_train = raw.get("bn_train", base.bn_train)
+        if bn_train is not None and not isinstance(bn_train, bool):
+            self.fail(f"{w}bn_train", f"{bn_train!r} must be true or false")
+            bn_train = base.bn_train
+        return SearchSpace(
+            bn_train=bn_train,
+            batch_size=self.choices(raw, "batch_size", base.batch_size, w, batch),
+            epochs=self.choices(raw, "epochs", base.epochs, w, positive_int(10_000)),
+            decay=decay,
+            decay_params=decay_params,
+            lr=self.choices(raw, "lr", base.lr, w, real(0, 10, low_open=True), allow_range=True),
+            optimizer=self.choices(raw, "optimizer", base.optimizer, w, among(OPTIMIZERS)),
+            dropout=self.choices(raw, "dropout", base.dropout, w, real(0, 0.95)),
+            weight_decay=self.choices(
+                raw, "weight_decay", base.weight_decay, w, real(0, 1), allow_range=True
+            ),
+            momentum=self.choices(raw, "momentum", base.momentum, w, real(0, 0.999)),
+            patience=patience,
+            flip=flip,
+        )
+
+    def pruner(self, raw: dict[str, Any]) -> PrunerConfig:
+        w = "pruner."
+        kind = self.text(raw, "type", "median", w)
+        from tlopt.tune.pruners import PRUNERS
+
+        if kind not in PRUNERS:
+            close = difflib.get_close_matches(kind, list(PRUNERS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            self.fail(f"{w}type", f"'{kind}' is not one of {', '.join(PRUNERS)}{hint}")
+            kind = "median"
+        startup = self.number(raw, "n_startup_trials", 5, int, 0, 100_000, w)
+        warmup = self.number(raw, "n_warmup_steps", 3, int, 0, 100_000, w)
+        options = {
+            k: v for k, v in raw.items() if k not in ("type", "n_startup_trials", "n_warmup_steps")
+        }
+        return PrunerConfig(kind, startup, warmup, options)
+
+    def storage(self, raw: dict[str, Any], base_dir: Path | None) -> StorageConfig:
+        w = "storage."
+        self.known(raw, [f for f in StorageConfig.__dataclass_fields__], w)
+        url = self.text(raw, "url", "", w)
+        artifacts = self.text(raw, "artifacts", "", w)
+        interval = self.number(raw, "heartbeat_interval", 30, int, 1, 86_400, w)
+        grace = self.number(raw, "grace_period", 90, int, 2, 864_000, w)
+        if grace <= interval:
+            self.fail(f"{w}grace_period", f"{grace} must exceed heartbeat_interval ({interval})")
+        retry = self.number(raw, "max_retry", 3, int, 0, 100, w)
+        return StorageConfig(url, artifacts, interval, grace, retry)

@@ -1,0 +1,208 @@
+"""``export-best``: retrain the best trial and write everything a person needs to reuse it.
+
+The folder holds::
+
+    model/            config.json + model.safetensors (timm's format: load with
+                      tlopt.load_model(DIR) or timm.create_model("local-dir:DIR/model"))
+    history.csv/json  per-epoch train/val loss and accuracy, learning rate, seconds
+    metrics.json      accuracy, macro/weighted precision/recall/F1, per-class report, confusion
+    classification_report.txt
+    loss.png accuracy.png lr.png confusion_matrix.png
+    descriptors.npy   (N, D) float32, one row per image of every split
+    descriptors.csv   row, key, label, class, split
+    manifest.json     params, seed, versions, data fingerprint, tuned vs retrained value
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import timm
+import torch
+from timm.models._hub import save_for_hf
+from torch import nn
+
+import tlopt
+from tlopt.errors import TloptError
+from tlopt.export.descriptors import predict
+from tlopt.export.plots import confusion_plot, history_plots
+from tlopt.train.data import ImageSet
+from tlopt.train.metrics import classification_metrics
+from tlopt.tune.context import StudyContext
+from tlopt.tune.objective import train_trial
+from tlopt.tune.study import best_trial, load
+
+FILES = (
+    "model/config.json",
+    "model/model.safetensors",
+    "history.csv",
+    "history.json",
+    "metrics.json",
+    "classification_report.txt",
+    "loss.png",
+    "accuracy.png",
+    "lr.png",
+    "confusion_matrix.png",
+    "descriptors.npy",
+    "descriptors.csv",
+    "manifest.json",
+)
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not force:
+        raise TloptError(
+            f"output folder '{out}' is not empty: choose another --out, or pass --force to "
+            "replace tlopt's files in it"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_best(
+    study_name: str,
+    out: Path,
+    storage_url: str | None = None,
+    device: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Retrain the best trial of ``study_name`` with the study's seed and export it to ``out``."""
+    study = load(study_name, storage_url)
+    best = best_trial(study)
+    _prepare_out(out, force)
+    ctx = StudyContext(study, device, progress=True)
+    params, dropout, result, model = train_trial(
+        optuna.trial.FixedTrial(best.params, best.number), ctx, report=False
+    )
+    assert isinstance(model, nn.Module)
+    history = [r.as_dict() for r in result.history]
+    evaluated = "test" if ctx.has_split("test") else "val"
+    _, logits = predict(model, ctx.split(evaluated))
+    y_true = ctx.split(evaluated).labels.cpu().numpy()
+    metrics = classification_metrics(y_true, logits.argmax(1), ctx.classes)
+    metrics["split"] = evaluated
+
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        stage = Path(tmp)
+        _write_model(model, stage / "model", ctx)
+        _write_history(history, stage)
+        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (stage / "classification_report.txt").write_text(_report_text(metrics))
+        title = f"{study_name} (trial {best.number})"
+        history_plots(history, stage, title)
+        confusion_plot(
+            metrics["confusion_matrix"],
+            ctx.classes,
+            stage / "confusion_matrix.png",
+            f"{title}: {evaluated} confusion matrix",
+        )
+        _write_descriptors(model, ctx, stage)
+        manifest = {
+            "study": study_name,
+            "stage": ctx.stage.name,
+            "trial": best.number,
+            "params": best.params,
+            "train_params": {**dataclasses.asdict(params), "dropout": dropout},
+            "seed": ctx.config.seed,
+            "backbone": ctx.config.model.backbone,
+            "weights": ctx.config.model.weights,
+            "image_size": ctx.config.data.image_size,
+            "classes": ctx.classes,
+            "data_fingerprint": ctx.source.fingerprint,
+            "tuned_value": best.value,
+            "tuned_val_accuracy": best.user_attrs.get("val_accuracy"),
+            "retrained_value": result.best_val_loss,
+            "retrained_val_accuracy": result.best_val_accuracy,
+            "best_epoch": result.best_epoch,
+            "evaluated_split": evaluated,
+            "accuracy": metrics["accuracy"],
+            "versions": {
+                "tlopt": tlopt.__version__,
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "optuna": optuna.__version__,
+                "python": platform.python_version(),
+            },
+            "files": list(FILES),
+        }
+        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        for item in stage.iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+    return manifest
+
+
+def _write_model(model: nn.Module, folder: Path, ctx: StudyContext) -> None:
+    folder.mkdir()
+    cpu = model.to("cpu").to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    save_for_hf(
+        cpu,
+        str(folder),
+        model_config={"label_names": ctx.classes, "num_classes": len(ctx.classes)},
+        safe_serialization=True,
+    )
+    model.to(ctx.device)
+
+
+def _write_history(history: list[dict[str, Any]], folder: Path) -> None:
+    (folder / "history.json").write_text(json.dumps(history, indent=2))
+    with open(folder / "history.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]) if history else ["epoch"])
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _report_text(metrics: dict[str, Any]) -> str:
+    lines = [f"{'class':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    for name, row in metrics["per_class"].items():
+        lines.append(
+            f"{name:<24}{row['precision']:>10.4f}{row['recall']:>10.4f}"
+            f"{row['f1']:>10.4f}{row['support']:>10d}"
+        )
+    lines.append("")
+    lines.append(
+        f"accuracy {metrics['accuracy']:.4f} on {metrics['count']} images "
+        f"({metrics['split']} split)"
+    )
+    for avg in ("macro", "weighted"):
+        lines.append(
+            f"{avg:<9} precision {metrics[f'precision_{avg}']:.4f}  "
+            f"recall {metrics[f'recall_{avg}']:.4f}  f1 {metrics[f'f1_{avg}']:.4f}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write_descriptors(model: nn.Module, ctx: StudyContext, folder: Path) -> None:
+    """One row per image of the source, in the source's order."""
+    every = ImageSet.from_arrays(np.asarray(ctx.images), ctx.labels, ctx.mean, ctx.std, ctx.device)
+    descriptors, _ = predict(model, every)
+    np.save(folder / "descriptors.npy", descriptors.astype(np.float32))
+    with open(folder / "descriptors.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", "key", "label", "class", "split"])
+        for row, item in enumerate(ctx.source.items):
+            writer.writerow([row, item.key, item.label, ctx.classes[item.label], item.split])
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """A model exported by ``export-best``, in eval mode, with ``label_names`` in its config."""
+    folder = Path(path)
+    folder = folder / "model" if (folder / "model" / "config.json").is_file() else folder
+    if not (folder / "config.json").is_file():
+        raise TloptError(
+            f"'{path}' is not a tlopt export (no model/config.json): pass the "
+            "folder written by 'tlopt export-best --out'"
+        )
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    model.eval()
+    return model

@@ -1,0 +1,28 @@
+"""Descriptors: the pooled vector before the classifier, one row per image."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from tlopt.train.data import ImageSet
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: ImageSet, batch_size: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors (N, D) float32 and logits (N, K) of every image, in eval mode."""
+    model.eval()
+    feats, logits = [], []
+    n = len(images)
+    for start in range(0, n, batch_size):
+        index = torch.arange(start, min(start + batch_size, n), device=images.images.device)
+        x = images.batch(index)
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+        feats.append(features.float().cpu())
+        logits.append(model.get_classifier()(features).float().cpu())
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()

@@ -1,0 +1,166 @@
+"""Fine-tuning stages as data: which block groups are frozen, and where a stage starts from.
+
+Block groups follow timm's own structure (``group_matcher(coarse=True)``): group 0 is the stem,
+then one group per block stage (ResNet's ``layer1..4``, EfficientNet's ``blocks.0..6``). Where
+timm's groups are finer than its feature stages (VGG: one group per conv), groups are merged at
+the ``feature_info`` boundaries, so ``freeze1`` means "stem and first block group" everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from timm.models._manipulate import group_modules
+from torch import nn
+
+from tlopt.errors import ConfigError
+from tlopt.models.backbones import classifier_name
+
+STAGE_FORMS = "head, freeze<N> (freeze1, freeze2, ...), full, scratch"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A fine-tuning stage.
+
+    Attributes:
+        name: ``head``, ``freeze<N>``, ``full`` or ``scratch``.
+        frozen_groups: block groups frozen, the stem counted as group 0 (None: all but the head).
+        pretrained: whether the backbone starts from pretrained weights.
+        from_head: whether the head starts from the best ``head`` trial.
+    """
+
+    name: str
+    frozen_groups: int | None
+    pretrained: bool = True
+    from_head: bool = True
+
+
+def parse_stage(name: str) -> Stage:
+    """Parse a stage name; raises ConfigError listing the valid forms."""
+    if name == "head":
+        return Stage("head", None, pretrained=True, from_head=False)
+    if name == "full":
+        return Stage("full", 0)
+    if name == "scratch":
+        return Stage("scratch", 0, pretrained=False, from_head=False)
+    match = re.fullmatch(r"freeze([0-9]+)", name)
+    if match:
+        # freezeN freezes the stem and the first N block groups: N + 1 groups.
+        return Stage(name, int(match.group(1)) + 1)
+    raise ConfigError(f"unknown stage '{name}': use one of {STAGE_FORMS}")
+
+
+def block_groups(model: nn.Module) -> list[list[str]]:
+    """Module names of each block group, stem first, the classifier excluded."""
+    classifier = classifier_name(model)
+    grouped = group_modules(model, model.group_matcher(coarse=True))
+    groups = [
+        [n for n in names if n != classifier and not n.startswith(classifier + ".")]
+        for _, names in sorted(grouped.items())
+    ]
+    groups = [g for g in groups if g]
+    stages = getattr(model, "feature_info", None)
+    if stages is not None and len(groups) > 2 * len(stages):  # VGG: one group per conv
+        groups = _merge_by_feature_stages(model, groups, [f["module"] for f in stages])
+    return groups
+
+
+def _merge_by_feature_stages(
+    model: nn.Module, groups: list[list[str]], stage_ends: list[str]
+) -> list[list[str]]:
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    ends = [order[m] for m in stage_ends if m in order]
+    merged: list[list[str]] = [[] for _ in range(len(ends) + 1)]
+    for group in groups:
+        position = order.get(group[0], len(order))
+        index = next((i for i, end in enumerate(ends) if position <= end), len(ends))
+        merged[index].extend(group)
+    return [g for g in merged if g]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The outcome of applying a stage to a model."""
+
+    stage: str
+    frozen_modules: tuple[str, ...]
+    trainable_params: int
+    total_params: int
+
+
+def apply_stage(model: nn.Module, stage: Stage, freeze_modules: int | None = None) -> StagePlan:
+    """Set ``requires_grad`` for ``stage`` and return what is frozen.
+
+    ``freeze_modules = N`` instead freezes the first N modules that hold parameters, in order
+    (seed 001's "first 140 layers" of ResNet-50).
+    """
+    classifier = classifier_name(model)
+    groups = block_groups(model)
+    if freeze_modules is not None:
+        leaves = [n for n, m in model.named_modules() if _owns_params(m)]
+        leaves = [n for n in leaves if not _inside(n, classifier)]
+        if freeze_modules > len(leaves):
+            raise ConfigError(
+                f"freeze_modules = {freeze_modules} but the backbone has only {len(leaves)} "
+                "modules with parameters before its classifier"
+            )
+        frozen = leaves[:freeze_modules]
+    elif stage.frozen_groups is None:
+        frozen = [n for g in groups for n in g]
+    else:
+        if stage.frozen_groups > len(groups):
+            raise ConfigError(
+                f"stage '{stage.name}' freezes {stage.frozen_groups} groups but this backbone "
+                f"has {len(groups)} (stem + {len(groups) - 1} block groups)"
+            )
+        frozen = [n for g in groups[: stage.frozen_groups] for n in g]
+    frozen_set = set(frozen)
+    for name, param in model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        param.requires_grad = not any(owner == f or owner.startswith(f + ".") for f in frozen_set)
+    if stage.frozen_groups is None and freeze_modules is None:
+        # The head stage trains the classifier only, whatever timm's groups say.
+        for name, param in model.named_parameters():
+            param.requires_grad = _inside(name, classifier)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return StagePlan(stage.name, tuple(frozen), trainable, total)
+
+
+def _owns_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def frozen_module_set(model: nn.Module) -> list[nn.Module]:
+    """Modules whose parameters are all frozen (kept in eval mode while training)."""
+    out = []
+    for module in model.modules():
+        params = list(module.parameters(recurse=True))
+        if params and not any(p.requires_grad for p in params):
+            out.append(module)
+    return out
+
+
+def set_train_mode(model: nn.Module, training: bool, bn_train: bool = False) -> None:
+    """``model.train(training)``, but frozen parts (their BatchNorm, dropout) stay in eval.
+
+    With ``bn_train`` False, every BatchNorm layer also stays in eval mode (its affine weights
+    still train): batch statistics of 8 to 32 small images differ from the running statistics
+    the pretrained weights and the tuned head were fitted to, and switching to them wrecks the
+    first fine-tuning epochs (Keras's transfer-learning guide keeps BatchNorm in inference mode
+    for the same reason). The ``scratch`` stage has no running statistics to keep and trains them.
+    """
+    model.train(training)
+    if training:
+        for module in frozen_module_set(model):
+            module.eval()
+        if not bn_train:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()

@@ -1,0 +1,55 @@
+"""Images as tensors: a decoded uint8 set, normalised and flipped as batch tensor operations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split, resident on the training device.
+
+    Attributes:
+        images: uint8 tensor (N, H, W, 3), as decoded once by ``tlopt.data.cache``.
+        labels: int64 tensor (N,).
+        mean, std: per-channel normalisation the pretrained weights expect.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_arrays(
+        cls,
+        images: np.ndarray,
+        labels: np.ndarray,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device | str = "cpu",
+    ) -> ImageSet:
+        return cls(
+            torch.from_numpy(np.ascontiguousarray(images)).to(device),
+            torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device),
+            tuple(mean),
+            tuple(std),
+        )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised float NCHW batch; ``flip`` (bool per image) mirrors left-right."""
+        x = self.images[index].permute(0, 3, 1, 2).float().div_(255.0)
+        if flip is not None:
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        x = (x - mean) / std
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x

@@ -1,0 +1,289 @@
+"""The one training loop: every stage, tuning and export alike.
+
+It knows nothing of Optuna. The caller passes ``on_epoch``, which sees each epoch's record (and
+may raise to stop, as the tuning layer does to prune), and may pass a checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tlopt.models.split import SplitModel
+from tlopt.models.stages import frozen_module_set, set_train_mode
+from tlopt.train.data import ImageSet
+from tlopt.train.schedules import lr_factor
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+# Prefix outputs above this size are recomputed per batch instead of kept (bytes).
+CACHE_LIMIT_BYTES = 4 * 2**30
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite (the learning rate is usually too high)."""
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Everything one training run needs besides the model and the data."""
+
+    batch_size: int
+    epochs: int
+    lr: float = 1e-3
+    decay: str = "constant"
+    decay_params: dict[str, float] = field(default_factory=dict)
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    patience: int = 0  # 0: no early stopping
+    flip: bool = True
+    bn_train: bool = False  # BatchNorm in train mode (batch statistics); see set_train_mode
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    seconds: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    history: list[EpochRecord]
+    best_epoch: int
+    best_val_loss: float
+    best_val_accuracy: float
+    best_state: dict[str, torch.Tensor]
+    stopped_early: bool = False
+
+
+def make_optimizer(params: TrainParams, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer named in ``params`` over ``parameters``."""
+    if params.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=params.lr, weight_decay=params.weight_decay)
+    if params.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=params.lr, weight_decay=params.weight_decay)
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters, lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
+        )
+    if params.optimizer == "rmsprop":
+        return torch.optim.RMSprop(parameters, lr=params.lr, weight_decay=params.weight_decay)
+    raise ValueError(f"unknown optimizer {params.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+class _Inputs:
+    """Training inputs as the trainable part sees them: cached prefix outputs, or images."""
+
+    def __init__(self, split: SplitModel, data: ImageSet, mirror: bool, cache: dict[str, Any]):
+        self.split, self.data, self.mirror = split, data, mirror
+        self.cached: torch.Tensor | None = None
+        if split.has_prefix:
+            key = f"{id(data)}|{split.mode}:{split.cut}|{mirror}"
+            if key not in cache:
+                cache[key] = self._compute()
+            self.cached = cache[key]
+
+    @torch.no_grad()
+    def _compute(self) -> torch.Tensor | None:
+        n = len(self.data)
+        with _autocast(self.data.images.device):
+            probe = self.split.prefix(self.data.batch(torch.arange(min(n, 2))))
+        per_item = probe[0].numel() * 4 * (2 if self.mirror else 1)
+        if per_item * n > CACHE_LIMIT_BYTES:
+            return None
+        views = [False, True] if self.mirror else [False]
+        out = []
+        for flipped in views:
+            chunks = []
+            for start in range(0, n, 256):
+                index = torch.arange(start, min(start + 256, n), device=self.data.images.device)
+                flip = torch.full_like(index, flipped, dtype=torch.bool)
+                with _autocast(self.data.images.device):
+                    chunks.append(self.split.prefix(self.data.batch(index, flip)).float())
+            out.append(torch.cat(chunks))
+        return torch.stack(out)
+
+    def get(self, index: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+        if self.cached is None:
+            x = self.data.batch(index, flip)
+            if self.split.has_prefix:
+                with torch.no_grad():
+                    x = self.split.prefix(x)
+            return x
+        if flip is None:
+            return self.cached[0, index]
+        return torch.where(
+            flip.view(-1, *([1] * (self.cached.dim() - 2))),
+            self.cached[1, index],
+            self.cached[0, index],
+        )
+
+
+def _autocast(device: torch.device) -> Any:
+    # bf16 on CUDA (the reference H100 figures); float32 on the CPU, where bf16 is slower.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _mutable_keys(model: nn.Module) -> list[str]:
+    """State-dict keys training can change: trainable params and non-frozen modules' buffers."""
+    frozen = {id(m) for m in frozen_module_set(model)}
+    keys = []
+    for name, module in model.named_modules():
+        if id(module) in frozen:
+            continue
+        prefix = f"{name}." if name else ""
+        keys += [prefix + n for n, _ in module.named_parameters(recurse=False)]
+        keys += [prefix + n for n, _ in module.named_buffers(recurse=False)]
+    return keys
+
+
+def evaluate(
+    split: SplitModel, inputs: _Inputs, labels: torch.Tensor, batch_size: int = 256
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a whole split."""
+    set_train_mode(split.model, False)
+    total_loss, correct, n = 0.0, 0, int(labels.shape[0])
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            index = torch.arange(start, min(start + batch_size, n), device=labels.device)
+            with _autocast(labels.device):
+                logits = split.rest(inputs.get(index, None)).float()
+            total_loss += F.cross_entropy(logits, labels[index], reduction="sum").item()
+            correct += int((logits.argmax(1) == labels[index]).sum().item())
+    return total_loss / max(n, 1), correct / max(n, 1)
+
+
+def fit(
+    model: nn.Module,
+    train: ImageSet,
+    val: ImageSet,
+    params: TrainParams,
+    *,
+    seed: int = 0,
+    on_epoch: Callable[[EpochRecord, Callable[[], dict[str, Any]]], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    cache: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train the trainable part of ``model`` and keep the weights of the best validation epoch.
+
+    Args:
+        model: a timm model with a stage applied (``requires_grad`` set).
+        train, val: the splits, on the training device.
+        params: batch size, epochs, optimizer, schedule, early stopping.
+        seed: seeds shuffling, flips and dropout; the same seed gives the same history on CPU.
+        on_epoch: called after each epoch with its record and a function returning a
+            checkpoint (for ``resume``); it may raise to stop training.
+        resume: a checkpoint from ``on_epoch`` to continue from.
+        cache: a dict kept by the caller to reuse frozen-prefix outputs across runs.
+
+    Raises:
+        NonFiniteLoss: the loss became NaN or infinite.
+    """
+    device = train.images.device
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    split = SplitModel(model, int(train.images.shape[1]))
+    set_train_mode(model, False)
+    cache = {} if cache is None else cache
+    train_in = _Inputs(split, train, params.flip, cache)
+    val_in = _Inputs(split, val, False, cache)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, trainable)
+    keys = _mutable_keys(model)
+    history: list[EpochRecord] = []
+    best: dict[str, Any] = {"loss": math.inf, "accuracy": 0.0, "epoch": -1, "state": {}}
+    start_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"], strict=False)
+        optimizer.load_state_dict(resume["optimizer"])
+        history = [EpochRecord(**r) for r in resume["history"]]
+        best = resume["best"]
+        start_epoch = len(history)
+        torch.set_rng_state(resume["rng"])
+        generator.set_state(resume["generator"])
+
+    def checkpoint() -> dict[str, Any]:
+        state = model.state_dict()
+        return {
+            "model": {k: state[k].detach().clone() for k in keys},
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "history": [r.as_dict() for r in history],
+            "best": best,
+            "rng": torch.get_rng_state(),
+            "generator": generator.get_state(),
+        }
+
+    stopped_early = False
+    for epoch in range(start_epoch, params.epochs):
+        began = time.perf_counter()
+        lr = params.lr * lr_factor(params.decay, epoch, params.epochs, **params.decay_params)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        set_train_mode(model, True, params.bn_train)
+        n = len(train)
+        order = torch.randperm(n, generator=generator, device=device)
+        loss_sum, correct = 0.0, 0
+        for start in range(0, n, params.batch_size):
+            index = order[start : start + params.batch_size]
+            flip = None
+            if params.flip:
+                flip = torch.rand(index.shape[0], generator=generator, device=device) < 0.5
+            with _autocast(device):
+                logits = split.rest(train_in.get(index, flip)).float()
+            loss = F.cross_entropy(logits, train.labels[index])
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"training loss became {loss.item()} in epoch {epoch + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * index.shape[0]
+            correct += int((logits.argmax(1) == train.labels[index]).sum().item())
+        val_loss, val_acc = evaluate(split, val_in, val.labels)
+        if not math.isfinite(val_loss):
+            raise NonFiniteLoss(f"validation loss became {val_loss} in epoch {epoch + 1}")
+        record = EpochRecord(
+            epoch + 1,
+            loss_sum / n,
+            correct / n,
+            val_loss,
+            val_acc,
+            lr,
+            time.perf_counter() - began,
+        )
+        history.append(record)
+        if val_loss < best["loss"]:
+            state = model.state_dict()
+            best = {
+                "loss": val_loss,
+                "accuracy": val_acc,
+                "epoch": epoch + 1,
+                "state": {k: state[k].detach().clone() for k in keys},
+            }
+        if on_epoch is not None:
+            on_epoch(record, checkpoint)
+        if params.patience and epoch + 1 - best["epoch"] >= params.patience:
+            stopped_early = True
+            break
+    model.load_state_dict(best["state"], strict=False)
+    set_train_mode(model, False)
+    return FitResult(
+        history, best["epoch"], best["loss"], best["accuracy"], best["state"], stopped_early
+    )

@@ -1,0 +1,134 @@
+"""Everything a worker needs for a study's trials, rebuilt from the study itself.
+
+A study holds its config snapshot, class list, data fingerprint and (for fine-tuning stages)
+the head weights to start from, so a worker needs only the storage URL and the study name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.artifacts import download_artifact
+from torch import nn
+
+from tlopt.config import StudyConfig
+from tlopt.data.cache import decode_source, labels, split_indices
+from tlopt.data.sources import Source, open_source
+from tlopt.errors import StudyError
+from tlopt.models.backbones import classifier_name, create_backbone, normalization
+from tlopt.models.stages import Stage, apply_stage, parse_stage
+from tlopt.train.data import ImageSet
+from tlopt.tune.storage import artifact_store
+
+ATTR = "tlopt."  # prefix of every study and trial attribute tlopt writes
+
+
+def cache_dir() -> Path:
+    """Decoded images, shared by all workers on this machine (``TLOPT_CACHE`` to move it)."""
+    return Path(os.environ.get("TLOPT_CACHE", Path.home() / ".cache" / "tlopt"))
+
+
+def open_config_source(config: StudyConfig) -> Source:
+    d = config.data
+    return open_source(
+        d.source,
+        d.path or None,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        seed=config.seed,
+        max_bad_fraction=d.max_bad_fraction,
+    )
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class StudyContext:
+    """The data on the device, the model factory and the head weights of one study."""
+
+    def __init__(self, study: optuna.Study, device: str | None = None, progress: bool = False):
+        attrs = study.user_attrs
+        if ATTR + "config" not in attrs:
+            raise StudyError(
+                f"study '{study.study_name}' was not created by tlopt: "
+                "create one with 'tlopt study create --config FILE --stage STAGE'"
+            )
+        self.study_name = study.study_name
+        self.config = StudyConfig.from_dict(attrs[ATTR + "config"], f"study '{study.study_name}'")
+        self.stage: Stage = parse_stage(attrs[ATTR + "stage"])
+        self.space = self.config.space_for(self.stage.name)
+        self.classes: list[str] = list(attrs[ATTR + "classes"])
+        self.device = pick_device(device)
+        self.artifacts = artifact_store(attrs[ATTR + "artifacts"])
+        self.source = open_config_source(self.config)
+        if self.source.fingerprint != attrs[ATTR + "fingerprint"]:
+            raise StudyError(
+                f"the data of study '{study.study_name}' changed since it was created "
+                f"(fingerprint {self.source.fingerprint[:12]} != "
+                f"{attrs[ATTR + 'fingerprint'][:12]}): restore the data or create a new study "
+                "with --name"
+            )
+        self.images = decode_source(
+            self.source, self.config.data.image_size, cache_dir(), progress=progress
+        )
+        self.labels = labels(self.source)
+        self.index = split_indices(self.source)
+        self.head_state: dict[str, torch.Tensor] | None = None
+        head = attrs.get(ATTR + "head")
+        if self.stage.from_head and head:
+            self.head_state = self._download_state(head["artifact_id"])
+        probe = create_backbone(self.config.model.backbone, "none", len(self.classes))
+        self.mean, self.std = normalization(probe)
+        self.sets: dict[str, ImageSet] = {}
+        self.prefix_cache: dict[str, Any] = {}
+
+    def split(self, name: str) -> ImageSet:
+        """One split (train, val, test) resident on the device, built once."""
+        if name not in self.sets:
+            idx = self.index[name]
+            self.sets[name] = ImageSet.from_arrays(
+                np.asarray(self.images[idx]), self.labels[idx], self.mean, self.std, self.device
+            )
+        return self.sets[name]
+
+    def has_split(self, name: str) -> bool:
+        return name in self.index and len(self.index[name]) > 0
+
+    def build_model(self, dropout: float) -> nn.Module:
+        """A fresh model for one trial: seeded head, stage applied, on the device."""
+        cfg = self.config.model
+        torch.manual_seed(self.config.seed)
+        weights = cfg.weights if self.stage.pretrained else "none"
+        model = create_backbone(cfg.backbone, weights, len(self.classes), drop_rate=dropout)
+        if self.head_state is not None:
+            model.get_submodule(classifier_name(model)).load_state_dict(self.head_state)
+        freeze_modules = cfg.freeze_modules if self.stage.name != "head" else None
+        apply_stage(model, self.stage, freeze_modules=freeze_modules)
+        model.to(self.device)
+        if self.device.type == "cuda":
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        return model
+
+    def _download_state(self, artifact_id: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "head.safetensors"
+            download_artifact(
+                artifact_store=self.artifacts, file_path=str(path), artifact_id=artifact_id
+            )
+            return load_file(str(path))
+
+
+def params_json(params: Any) -> str:
+    return json.dumps(params, sort_keys=True, default=str)

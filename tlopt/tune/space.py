@@ -1,0 +1,77 @@
+"""The search space: the only module that calls ``trial.suggest_*``.
+
+Lists of one element are fixed values: they are not suggested, so they do not clutter Optuna's
+parameter plots, but they are recorded in the trial's ``params`` through the returned
+:class:`TrainParams` (the trial attributes hold the full set).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from tlopt.config import Choice, FloatRange, SearchSpace
+from tlopt.train.schedules import DECAY_DEFAULTS
+from tlopt.train.trainer import TrainParams
+
+
+def _pick(trial: optuna.trial.BaseTrial, name: str, space: Choice | FloatRange) -> Any:
+    if isinstance(space, FloatRange):
+        return trial.suggest_float(name, space.low, space.high, log=space.log)
+    if len(space) == 1:
+        return space[0]
+    return trial.suggest_categorical(name, list(space))
+
+
+def suggest(
+    trial: optuna.trial.BaseTrial, space: SearchSpace, stage: str = "head"
+) -> tuple[TrainParams, float]:
+    """Sample training parameters and the head's dropout rate for one trial.
+
+    Decay parameters are suggested under the decay's own name (``step.gamma``), so each decay
+    type keeps its own parameters, as Optuna's conditional spaces expect.
+    """
+    decay = _pick(trial, "decay", space.decay)
+    decay_params = dict(DECAY_DEFAULTS.get(decay, {}))
+    for pname, choice in space.decay_params.get(decay, {}).items():
+        decay_params[pname] = float(_pick(trial, f"{decay}.{pname}", choice))
+    params = TrainParams(
+        batch_size=int(_pick(trial, "batch_size", space.batch_size)),
+        epochs=int(_pick(trial, "epochs", space.epochs)),
+        lr=float(_pick(trial, "lr", space.lr)),
+        decay=decay,
+        decay_params=decay_params,
+        optimizer=_pick(trial, "optimizer", space.optimizer),
+        momentum=float(_pick(trial, "momentum", space.momentum)),
+        weight_decay=float(_pick(trial, "weight_decay", space.weight_decay)),
+        patience=space.patience,
+        flip=space.flip,
+        bn_train=space.bn_train if space.bn_train is not None else stage == "scratch",
+    )
+    dropout = float(_pick(trial, "dropout", space.dropout))
+    return params, dropout
+
+
+def space_size(space: SearchSpace) -> int | None:
+    """Number of distinct points in the space (None when a range makes it continuous)."""
+    size = 1
+    for choice in (
+        space.batch_size,
+        space.epochs,
+        space.lr,
+        space.optimizer,
+        space.dropout,
+        space.weight_decay,
+        space.momentum,
+    ):
+        if isinstance(choice, FloatRange):
+            return None
+        size *= len(choice)
+    per_decay = 0
+    for decay in space.decay:
+        n = 1
+        for choice in space.decay_params.get(decay, {}).values():
+            n *= len(choice)
+        per_decay += n
+    return size * per_decay

@@ -1,0 +1,240 @@
+"""Workers: run a study's trials until it holds its budget of finished trials.
+
+Any number of workers, on any number of machines, share one budget: each one counts the
+finished and running trials and asks for a new trial under a lock held in the storage
+(``budget_lock``), so the study ends with exactly ``n_trials`` finished (complete or pruned)
+trials. A worker whose trial is still running elsewhere waits for it, so a trial failed by the
+heartbeat and re-queued is always picked up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+import optuna
+from optuna.storages import RetryFailedTrialCallback
+from optuna.storages._heartbeat import fail_stale_trials, get_heartbeat_thread
+from optuna.trial import TrialState
+
+from tlopt.config import StudyConfig
+from tlopt.errors import TloptError
+from tlopt.tune.context import ATTR, StudyContext
+from tlopt.tune.objective import objective
+from tlopt.tune.storage import budget_lock, mask_url, open_storage, resolve_url
+from tlopt.tune.study import load
+
+log = logging.getLogger("tlopt.worker")
+POLL_SECONDS = 2.0
+
+
+@dataclass
+class WorkerSummary:
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    trials: list[int] = field(default_factory=list)
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT: finish cleanly."""
+
+
+def _raise_stop(signum: int, _frame: FrameType | None) -> None:
+    # Only the first signal interrupts: the second must not break the clean-up of the first.
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+    raise _Stop(signal.Signals(signum).name)
+
+
+def work(
+    study_name: str,
+    storage_url: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    device: str | None = None,
+) -> WorkerSummary:
+    """Run trials of ``study_name`` in this process until the budget or the timeout is reached."""
+    url = resolve_url(storage_url)
+    study = load(study_name, url)
+    config = StudyConfig.from_dict(study.user_attrs[ATTR + "config"], study_name)
+    storage = open_storage(
+        url,
+        config.storage.heartbeat_interval,
+        config.storage.grace_period,
+        config.storage.max_retry,
+    )
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    budget = n_trials or config.n_trials
+    timeout = timeout if timeout is not None else (config.timeout or None)
+    ctx = StudyContext(study, device, progress=True)
+    log.info(
+        "worker %d on %s, study %s in %s, budget %d finished trials",
+        os.getpid(),
+        ctx.device,
+        study_name,
+        mask_url(url),
+        budget,
+    )
+    summary = WorkerSummary()
+    began = time.monotonic()
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while timeout is None or time.monotonic() - began < timeout:
+            fail_stale_trials(study)
+            with budget_lock(storage, study_name):
+                trials = study.get_trials(deepcopy=False)
+                finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+                running = sum(t.state == TrialState.RUNNING for t in trials)
+                if finished >= budget:
+                    break
+                trial = study.ask() if finished + running < budget else None
+            if trial is None:
+                time.sleep(POLL_SECONDS)  # the last trials run elsewhere; wait for them
+                continue
+            state = _run(study, trial, ctx, config)
+            summary.trials.append(trial.number)
+            if state == TrialState.COMPLETE:
+                summary.complete += 1
+            elif state == TrialState.PRUNED:
+                summary.pruned += 1
+            else:
+                summary.failed += 1
+    except _Stop as stop:
+        log.warning("worker %d stopping on %s", os.getpid(), stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return summary
+
+
+def _run(
+    study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, config: StudyConfig
+) -> TrialState:
+    storage = study._storage
+    try:
+        with get_heartbeat_thread(trial._trial_id, storage):
+            value = objective(trial, ctx)
+    except optuna.TrialPruned as pruned:
+        log.info("trial %d pruned: %s", trial.number, pruned)
+        study.tell(trial, state=TrialState.PRUNED)
+        return TrialState.PRUNED
+    except (_Stop, KeyboardInterrupt):
+        _fail_and_requeue(study, trial, "worker stopped", config.storage.max_retry)
+        raise
+    except TloptError:
+        _fail_and_requeue(study, trial, "user error", config.storage.max_retry)
+        raise
+    except Exception as exc:  # a crashed trial must not kill the worker
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        log.error("trial %d failed: %s", trial.number, reason)
+        trial.set_user_attr(ATTR + "error", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        return TrialState.FAIL
+    study.tell(trial, value)
+    log.info(
+        "trial %d complete: val_loss %.4f  val_acc %.4f",
+        trial.number,
+        value,
+        trial.user_attrs.get("val_accuracy", float("nan")),
+    )
+    return TrialState.COMPLETE
+
+
+def _fail_and_requeue(study: optuna.Study, trial: optuna.Trial, why: str, max_retry: int) -> None:
+    """Fail an interrupted trial and queue it again with the same parameters."""
+    trial.set_user_attr(ATTR + "error", why)
+    study.tell(trial, state=TrialState.FAIL)
+    frozen = study._storage.get_trial(trial._trial_id)
+    RetryFailedTrialCallback(max_retry=max_retry)(study, frozen)
+
+
+def parse_gpus(gpus: str | None) -> list[str]:
+    """``"0,1"`` -> ["0", "1"]; ``"all"`` -> every visible CUDA device; None/"" -> []."""
+    if not gpus or gpus == "none":
+        return []
+    if gpus == "all":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise TloptError(
+                "--gpus all: no CUDA device is visible; leave out --gpus to use the CPU"
+            )
+        return [str(i) for i in range(count)]
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not all(g.isdigit() for g in ids):
+        raise TloptError(f"--gpus '{gpus}' is not a comma-separated list of GPU ids (e.g. 0,1)")
+    return ids
+
+
+def supervise(
+    study_name: str,
+    storage_url: str | None,
+    n_trials: int | None,
+    timeout: float | None,
+    gpus: list[str],
+    per_gpu: int = 1,
+    processes: int = 1,
+    max_restarts: int = 3,
+) -> int:
+    """Run one worker process per slot (``per_gpu`` per GPU, or ``processes`` on the CPU).
+
+    Each slot is pinned with ``CUDA_VISIBLE_DEVICES`` and opens its own storage connection.
+    A slot whose process dies is restarted (up to ``max_restarts`` times); SIGINT/SIGTERM are
+    passed to every slot, which fail and re-queue their running trials before exiting.
+    """
+    url = resolve_url(storage_url)
+    load(study_name, url)  # fail fast, in one line, on a wrong name or storage
+    slots = [g for g in gpus for _ in range(per_gpu)] if gpus else [None] * processes
+    base = [sys.executable, "-m", "tlopt", "worker", "--study", study_name, "--storage", url]
+    if n_trials:
+        base += ["--n-trials", str(n_trials)]
+    if timeout:
+        base += ["--timeout", str(timeout)]
+
+    def start(gpu: str | None) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+            return subprocess.Popen(base + ["--device", "cuda"], env=env)
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        return subprocess.Popen(base + ["--device", "cpu"], env=env)
+
+    procs = [start(g) for g in slots]
+    restarts = [0] * len(slots)
+    stopping = False
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    worst = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.5)
+            for i, p in enumerate(procs):
+                code = p.poll()
+                if code is None or code in (0, 2) or stopping:
+                    continue
+                if restarts[i] < max_restarts:
+                    restarts[i] += 1
+                    log.warning("slot %d (gpu %s) died with %d; restarting", i, slots[i], code)
+                    procs[i] = start(slots[i])
+        for p in procs:
+            code = p.returncode or 0
+            worst = max(worst, 2 if code == 2 else (1 if code else 0))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return worst
