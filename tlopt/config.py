@@ -87,6 +87,7 @@ class StorageConfig:
     heartbeat_interval: int = 30
     grace_period: int = 90
     max_retry: int = 3
+    checkpoint: bool = True  # fine-tuning trials save each epoch, to resume after a crash
 
 
 @dataclass(frozen=True)
@@ -445,8 +446,12 @@ class _Parser:
         startup = self.number(raw, "n_startup_trials", 5, int, 0, 100_000, w)
         warmup = self.number(raw, "n_warmup_steps", 3, int, 0, 100_000, w)
         options = {
-            k: v for k, v in raw.items() if k not in ("type", "n_startup_trials", "n_warmup_steps")
+            k: v
+            for k, v in raw.items()
+            if k not in ("type", "n_startup_trials", "n_warmup_steps", "options")
         }
+        if isinstance(raw.get("options"), dict):
+            options.update(raw["options"])
         return PrunerConfig(kind, startup, warmup, options)
 
     def storage(self, raw: dict[str, Any], base_dir: Path | None) -> StorageConfig:
@@ -459,4 +464,8 @@ class _Parser:
         if grace <= interval:
             self.fail(f"{w}grace_period", f"{grace} must exceed heartbeat_interval ({interval})")
         retry = self.number(raw, "max_retry", 3, int, 0, 100, w)
-        return StorageConfig(url, artifacts, interval, grace, retry)
+        checkpoint = raw.get("checkpoint", True)
+        if not isinstance(checkpoint, bool):
+            self.fail(f"{w}checkpoint", f"{checkpoint!r} must be true or false")
+            checkpoint = True
+        return StorageConfig(url, artifacts, interval, grace, retry, checkpoint)

@@ -62,7 +62,9 @@ def block_groups(model: nn.Module) -> list[list[str]]:
     ]
     groups = [g for g in groups if g]
     stages = getattr(model, "feature_info", None)
-    if stages is not None and len(groups) > 2 * len(stages):  # VGG: one group per conv
+    fine = group_modules(model, model.group_matcher(coarse=False))
+    if stages is not None and len(fine) == len(grouped) and len(groups) > len(stages) + 1:
+        # Coarse groups as fine as the finest (VGG: one per conv): merge them into stages.
         groups = _merge_by_feature_stages(model, groups, [f["module"] for f in stages])
     return groups
 

@@ -33,7 +33,7 @@ class ImageSet:
         device: torch.device | str = "cpu",
     ) -> ImageSet:
         return cls(
-            torch.from_numpy(np.ascontiguousarray(images)).to(device),
+            torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(device),
             torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device),
             tuple(mean),
             tuple(std),

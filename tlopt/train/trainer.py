@@ -128,11 +128,7 @@ class _Inputs:
             return x
         if flip is None:
             return self.cached[0, index]
-        return torch.where(
-            flip.view(-1, *([1] * (self.cached.dim() - 2))),
-            self.cached[1, index],
-            self.cached[0, index],
-        )
+        return self.cached[flip.long(), index]  # one gather: view 1 is the mirrored image
 
 
 def _autocast(device: torch.device) -> Any:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
-from optuna.artifacts import upload_artifact
+import torch
+from optuna.artifacts import download_artifact, upload_artifact
 from safetensors.torch import save_file
 from torch import nn
 
@@ -21,15 +25,27 @@ from tlopt.tune.space import suggest
 log = logging.getLogger("tlopt.worker")
 
 
+CHECKPOINT = ATTR + "checkpoint"
+
+
 def train_trial(
     trial: optuna.trial.BaseTrial, ctx: StudyContext, report: bool = True
 ) -> tuple[TrainParams, float, FitResult, nn.Module]:
-    """Suggest, build and train; the shared path of tuning and export. Returns the model too."""
+    """Suggest, build and train; the shared path of tuning and export. Returns the model too.
+
+    Fine-tuning trials save a checkpoint artifact after every epoch; a trial re-queued after
+    its worker died inherits the attribute and resumes from that epoch.
+    """
     params, dropout = suggest(trial, ctx.space, ctx.stage.name)
     model = ctx.build_model(dropout)
-    history: list[EpochRecord] = []
+    live = isinstance(trial, optuna.Trial)
+    checkpoints = live and report and ctx.stage.name != "head" and ctx.config.storage.checkpoint
+    resume = _load_checkpoint(trial, ctx) if checkpoints else None
+    history: list[EpochRecord] = [EpochRecord(**r) for r in resume["history"]] if resume else []
+    if resume:
+        log.info("trial %s resumes after epoch %d", trial.number, len(history))  # type: ignore[attr-defined]
 
-    def on_epoch(record: EpochRecord, _checkpoint: object) -> None:
+    def on_epoch(record: EpochRecord, checkpoint: Callable[[], dict[str, Any]]) -> None:
         history.append(record)
         log.info(
             "trial %s epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  lr %.2e  %.1fs",
@@ -49,6 +65,9 @@ def train_trial(
             _set_history(trial, history)
             trial.set_user_attr(ATTR + "prune_reason", f"median pruner at epoch {record.epoch}")
             raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
+        if checkpoints and record.epoch < params.epochs:
+            assert isinstance(trial, optuna.Trial)
+            _save_checkpoint(trial, ctx, checkpoint())
 
     try:
         result = fit(
@@ -59,12 +78,68 @@ def train_trial(
             seed=ctx.config.seed,
             on_epoch=on_epoch,
             cache=ctx.prefix_cache,
+            resume=resume,
         )
     except NonFiniteLoss as exc:
         _set_history(trial, history)
         trial.set_user_attr(ATTR + "prune_reason", str(exc))
+        _drop_checkpoint(trial, ctx)
         raise optuna.TrialPruned(str(exc)) from None
+    except optuna.TrialPruned:
+        _drop_checkpoint(trial, ctx)
+        raise
+    if checkpoints:
+        _drop_checkpoint(trial, ctx)
     return params, dropout, result, model
+
+
+def _save_checkpoint(trial: optuna.Trial, ctx: StudyContext, state: dict) -> None:
+    old = trial.user_attrs.get(CHECKPOINT)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"checkpoint-trial{trial.number}.pt"  # type: ignore[attr-defined]
+        torch.save(state, path)
+        new = upload_artifact(
+            artifact_store=ctx.artifacts, file_path=str(path), study_or_trial=trial
+        )  # type: ignore[arg-type]
+    trial.set_user_attr(CHECKPOINT, new)
+    if old:
+        _remove(ctx, old)
+
+
+def _load_checkpoint(trial: optuna.trial.BaseTrial, ctx: StudyContext) -> dict[str, Any] | None:
+    artifact = trial.user_attrs.get(CHECKPOINT)
+    if not artifact:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "checkpoint.pt"
+        try:
+            download_artifact(
+                artifact_store=ctx.artifacts, file_path=str(path), artifact_id=artifact
+            )
+        except Exception as exc:  # a lost checkpoint costs the epochs, not the trial
+            log.warning(
+                "checkpoint %s of trial %s is unreadable (%s): starting at epoch 1",
+                artifact,
+                trial.number,
+                type(exc).__name__,
+            )  # type: ignore[attr-defined]
+            return None
+        # weights_only: a checkpoint is tensors and plain numbers, never arbitrary pickles.
+        state: dict[str, Any] = torch.load(path, map_location=ctx.device, weights_only=True)
+        return state
+
+
+def _drop_checkpoint(trial: optuna.trial.BaseTrial, ctx: StudyContext) -> None:
+    artifact = trial.user_attrs.get(CHECKPOINT) if isinstance(trial, optuna.Trial) else None
+    if artifact:
+        _remove(ctx, artifact)
+        trial.set_user_attr(CHECKPOINT, None)
+
+
+def _remove(ctx: StudyContext, artifact_id: str) -> None:
+    # Already gone (another worker cleaned it up): nothing left to keep.
+    with contextlib.suppress(Exception):
+        ctx.artifacts.remove(artifact_id)
 
 
 def objective(trial: optuna.Trial, ctx: StudyContext) -> float:

@@ -12,17 +12,23 @@ import hashlib
 import os
 import re
 import sqlite3
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import sqlalchemy
 from optuna.artifacts import FileSystemArtifactStore
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from tlopt.errors import StorageError
 
 DEFAULT_URL = "sqlite:///studies/tlopt.db"
+
+# tlopt runs its own ask/tell loop with Optuna's heartbeat thread (it needs the budget lock
+# around `ask`), which these notices warn about; the features are the ones Optuna documents.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 _PASSWORD = re.compile(r"(?<=://)([^:/@]+):([^@]*)@")
 
 
@@ -71,7 +77,9 @@ def open_storage(
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
-            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=max_retry),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                max_retry=max_retry, inherit_intermediate_values=True
+            ),
         )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 import optuna
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import fail_stale_trials, get_heartbeat_thread
 from optuna.trial import TrialState
 
@@ -152,7 +152,7 @@ def _fail_and_requeue(study: optuna.Study, trial: optuna.Trial, why: str, max_re
     trial.set_user_attr(ATTR + "error", why)
     study.tell(trial, state=TrialState.FAIL)
     frozen = study._storage.get_trial(trial._trial_id)
-    RetryFailedTrialCallback(max_retry=max_retry)(study, frozen)
+    RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)(study, frozen)
 
 
 def parse_gpus(gpus: str | None) -> list[str]:

@@ -1,0 +1,243 @@
+"""Stage studies end to end on SQLite and on the real PostgreSQL server.
+
+A tiny timm model (``test_efficientnet``, random weights) on the built-in digits at 16 px keeps
+each trial under a second; the mechanics are the same as on a real backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import tlopt
+from tlopt.config import load_config
+from tlopt.errors import StudyError
+from tlopt.export.bundle import FILES, export_best
+from tlopt.export.descriptors import predict
+from tlopt.train.data import ImageSet
+from tlopt.tune import study as studies
+from tlopt.tune.worker import work
+
+TINY = """
+name = "tiny"
+seed = 3
+n_trials = 6
+[data]
+source = "digits"
+image_size = 16
+[model]
+backbone = "test_efficientnet"
+weights = "none"
+[search]
+batch_size = [32]
+epochs = [4]
+decay = ["constant", "exponential"]
+lr = [3e-3, 9.0]
+optimizer = ["sgd"]
+[stages.freeze1]
+lr = [1e-3]
+optimizer = ["adam"]
+epochs = [2]
+[pruner]
+type = "median"
+n_startup_trials = 1
+n_warmup_steps = 0
+"""
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TLOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tlopt", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def finished(study: optuna.Study) -> int:
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+
+
+def test_stages_prune_chain_and_export(storage_url: str, tiny: Path, tmp_path: Path) -> None:
+    config = load_config(tiny)
+    plan = studies.create(config, "head", storage_url)
+    assert plan.created and plan.name == "tiny/head" and len(plan.classes) == 10
+    summary = work("tiny/head", storage_url)
+    head = optuna.load_study(study_name="tiny/head", storage=storage_url)  # plain Optuna reads it
+    assert finished(head) == 6 and summary.complete + summary.pruned == 6
+    pruned = [t for t in head.trials if t.state == TrialState.PRUNED]
+    assert pruned, "the lr of 9 must diverge or be pruned"
+    assert all(t.user_attrs.get("tlopt.prune_reason") for t in pruned)
+    complete = [t for t in head.trials if t.state == TrialState.COMPLETE]
+    for t in complete:  # the pruner saw one value per epoch; the objective is the best of them
+        assert sorted(t.intermediate_values) == [1, 2, 3, 4]
+        assert t.value == pytest.approx(min(t.intermediate_values.values()))
+        assert len(t.user_attrs["history"]) == 4 and "tlopt.head_artifact" in t.user_attrs
+
+    studies.create(config, "freeze1", storage_url)
+    attrs = optuna.load_study(study_name="tiny/freeze1", storage=storage_url).user_attrs
+    assert attrs["tlopt.head"]["trial"] == studies.best_trial(head).number
+    work("tiny/freeze1", storage_url, n_trials=2)
+    freeze1 = optuna.load_study(study_name="tiny/freeze1", storage=storage_url)
+    assert finished(freeze1) == 2
+
+    out = tmp_path / "export"
+    manifest = export_best("tiny/freeze1", out, storage_url)
+    for name in FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    best = studies.best_trial(freeze1)
+    # Retrained with the study's seed through the same trainer: the same result on the CPU.
+    assert manifest["retrained_value"] == pytest.approx(best.value, rel=1e-5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    cm = np.array(metrics["confusion_matrix"])
+    assert cm.shape == (10, 10) and cm.sum() == metrics["count"] == attrs["tlopt.counts"]["test"]
+    descriptors = np.load(out / "descriptors.npy")
+    rows = (out / "descriptors.csv").read_text().splitlines()
+    assert descriptors.shape[0] == len(rows) - 1 == 1797 and descriptors.dtype == np.float32
+    assert np.isfinite(descriptors).all()
+
+    # A reloaded model reproduces the exported metrics.
+    model = tlopt.load_model(str(out))
+    from tlopt.tune.context import StudyContext
+
+    ctx = StudyContext(freeze1, "cpu")
+    test = ctx.split("test")
+    _, logits = predict(model, ImageSet(test.images, test.labels, ctx.mean, ctx.std))
+    accuracy = float((logits.argmax(1) == test.labels.numpy()).mean())
+    assert accuracy == pytest.approx(metrics["accuracy"], abs=1e-9)
+    again, _ = predict(
+        model, ImageSet.from_arrays(np.asarray(ctx.images), ctx.labels, ctx.mean, ctx.std)
+    )
+    np.testing.assert_allclose(again, descriptors, rtol=1e-4, atol=1e-5)
+    import timm
+
+    plain = timm.create_model(f"local-dir:{out / 'model'}", pretrained=True)
+    assert isinstance(plain, torch.nn.Module)
+
+    rows_list = studies.list_studies(storage_url)
+    assert {r["name"] for r in rows_list} == {"tiny/head", "tiny/freeze1"}
+
+
+def test_two_worker_processes_share_one_budget(storage_url: str, tiny: Path) -> None:
+    studies.create(load_config(tiny), "head", storage_url)
+    done = cli(
+        "worker",
+        "--study",
+        "tiny/head",
+        "--storage",
+        storage_url,
+        "--processes",
+        "2",
+        "--n-trials",
+        "5",
+        env={"TLOPT_CACHE": os.environ["TLOPT_CACHE"]},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = optuna.load_study(study_name="tiny/head", storage=storage_url)
+    assert finished(study) == 5
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.FAIL)]
+    assert len({p for p in done.stderr.split() if p.isdigit()}) >= 1
+    assert done.stderr.count("budget 5 finished trials") == 2  # two workers took part
+    assert "Traceback" not in done.stderr
+
+
+def test_same_name_other_config_is_refused(sqlite_storage_url: str, tiny: Path) -> None:
+    studies.create(load_config(tiny), "head", sqlite_storage_url)
+    changed = tiny.with_name("changed.toml")
+    changed.write_text(TINY.replace("seed = 3", "seed = 4").replace('name = "tiny"', ""))
+    cfg = load_config(changed)
+    with pytest.raises(StudyError, match="seed: 3 -> 4.*--name"):
+        studies.create(cfg, "head", sqlite_storage_url, name="tiny/head")
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_bad_input_gives_one_line_and_the_command(
+    sqlite_storage_url: str, tiny: Path, tmp_path: Path
+) -> None:
+    one_line_error(
+        cli("worker", "--study", "nope/head", "--storage", sqlite_storage_url),
+        "no study 'nope/head'",
+        "tlopt study create",
+    )
+    one_line_error(
+        cli("study", "list", "--storage", "postgresql://me:s3cret@127.0.0.1:9/none"),
+        "cannot open storage",
+        "me:***@",
+    )
+    assert (
+        "s3cret"
+        not in cli("study", "list", "--storage", "postgresql://me:s3cret@127.0.0.1:9/none").stderr
+    )
+    one_line_error(
+        cli(
+            "study",
+            "create",
+            "--config",
+            str(tiny),
+            "--stage",
+            "freeze1",
+            "--storage",
+            sqlite_storage_url,
+        ),
+        "no study 'tiny/head'",
+        "tlopt worker --study tiny/head",
+    )
+    assert (
+        cli(
+            "study",
+            "create",
+            "--config",
+            str(tiny),
+            "--stage",
+            "head",
+            "--storage",
+            sqlite_storage_url,
+        ).returncode
+        == 0
+    )
+    one_line_error(
+        cli(
+            "export-best",
+            "--study",
+            "tiny/head",
+            "--out",
+            str(tmp_path / "o"),
+            "--storage",
+            sqlite_storage_url,
+        ),
+        "no completed trial",
+        "tlopt worker --study tiny/head",
+    )
+    one_line_error(
+        cli("study", "create", "--config", str(tiny), "--stage", "freez1"), "unknown stage 'freez1'"
+    )
