@@ -301,7 +301,10 @@ def main() -> None:
     debug = "--debug" in sys.argv
     argv = [a for a in sys.argv[1:] if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("optuna", "timm", "httpx", "urllib3"):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # tlopt prints its own progress
+    for noisy in ("timm", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.showwarning = _warning_line  # type: ignore[assignment]
     warnings.filterwarnings("ignore", category=FutureWarning)

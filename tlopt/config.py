@@ -452,6 +452,12 @@ class _Parser:
         }
         if isinstance(raw.get("options"), dict):
             options.update(raw["options"])
+        from tlopt.tune.pruners import make_pruner
+
+        try:
+            make_pruner(kind, startup, warmup, options)
+        except (TypeError, ValueError) as exc:
+            self.fail(f"{w}{', '.join(options) or 'type'}", f"pruner '{kind}' rejects it: {exc}")
         return PrunerConfig(kind, startup, warmup, options)
 
     def storage(self, raw: dict[str, Any], base_dir: Path | None) -> StorageConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import tempfile
 import time
@@ -20,6 +21,7 @@ from torch import nn
 from tlopt.models.backbones import classifier_name
 from tlopt.train.trainer import EpochRecord, FitResult, NonFiniteLoss, TrainParams, fit
 from tlopt.tune.context import ATTR, StudyContext
+from tlopt.tune.resilience import retrying
 from tlopt.tune.space import suggest
 
 log = logging.getLogger("tlopt.worker")
@@ -60,14 +62,18 @@ def train_trial(
         )
         if not report:
             return
-        trial.report(record.val_loss, record.epoch)
-        if trial.should_prune():
+        retrying("reporting an epoch", lambda: trial.report(record.val_loss, record.epoch))
+        if retrying("asking the pruner", trial.should_prune):
             _set_history(trial, history)
-            trial.set_user_attr(ATTR + "prune_reason", f"median pruner at epoch {record.epoch}")
+            reason = f"{ctx.config.pruner.type} pruner at epoch {record.epoch}"
+            retrying(
+                "recording a prune", lambda: trial.set_user_attr(ATTR + "prune_reason", reason)
+            )
             raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
         if checkpoints and record.epoch < params.epochs:
             assert isinstance(trial, optuna.Trial)
-            _save_checkpoint(trial, ctx, checkpoint())
+            state = checkpoint()
+            retrying("saving a checkpoint", lambda: _save_checkpoint(trial, ctx, state))
 
     try:
         result = fit(
@@ -146,12 +152,16 @@ def objective(trial: optuna.Trial, ctx: StudyContext) -> float:
     """Train one trial and return its best validation loss."""
     began = time.perf_counter()
     params, dropout, result, model = train_trial(trial, ctx)
-    _set_history(trial, [r for r in result.history])
-    trial.set_user_attr(ATTR + "train_params", {**dataclasses.asdict(params), "dropout": dropout})
-    trial.set_user_attr("val_accuracy", result.best_val_accuracy)
-    trial.set_user_attr("best_epoch", result.best_epoch)
-    trial.set_user_attr("epochs_run", len(result.history))
-    trial.set_user_attr("seconds", round(time.perf_counter() - began, 3))
+    _set_history(trial, list(result.history))
+    attrs = {
+        ATTR + "train_params": {**dataclasses.asdict(params), "dropout": dropout},
+        "val_accuracy": result.best_val_accuracy,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "seconds": round(time.perf_counter() - began, 3),
+    }
+    for key, value in attrs.items():
+        retrying("saving the results", functools.partial(trial.set_user_attr, key, value))
     if ctx.stage.name == "head":
         # The fine-tuning stages start from the best head: keep every head's weights.
         head = model.get_submodule(classifier_name(model))
@@ -159,14 +169,22 @@ def objective(trial: optuna.Trial, ctx: StudyContext) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"head-trial{trial.number}.safetensors"
             save_file(state, str(path))
-            artifact_id = upload_artifact(
-                artifact_store=ctx.artifacts, file_path=str(path), study_or_trial=trial
+            artifact_id = retrying(
+                "saving the head",
+                lambda: upload_artifact(
+                    artifact_store=ctx.artifacts, file_path=str(path), study_or_trial=trial
+                ),
             )
-        trial.set_user_attr(ATTR + "head_artifact", artifact_id)
+        retrying(
+            "saving the head", lambda: trial.set_user_attr(ATTR + "head_artifact", artifact_id)
+        )
     return result.best_val_loss
 
 
 def _set_history(trial: optuna.trial.BaseTrial, history: list[EpochRecord]) -> None:
-    trial.set_user_attr(
-        "history", [{k: round(v, 6) for k, v in r.as_dict().items()} for r in history]
+    retrying(
+        "saving the history",
+        lambda: trial.set_user_attr(
+            "history", [{k: round(v, 6) for k, v in r.as_dict().items()} for r in history]
+        ),
     )

@@ -9,6 +9,7 @@ heartbeat and re-queued is always picked up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -19,14 +20,15 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import fail_stale_trials, get_heartbeat_thread
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import fail_stale_trials
 from optuna.trial import TrialState
 
 from tlopt.config import StudyConfig
 from tlopt.errors import TloptError
 from tlopt.tune.context import ATTR, StudyContext
 from tlopt.tune.objective import objective
+from tlopt.tune.resilience import heartbeat, retrying
 from tlopt.tune.storage import budget_lock, mask_url, open_storage, resolve_url
 from tlopt.tune.study import load
 
@@ -87,18 +89,15 @@ def work(
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while timeout is None or time.monotonic() - began < timeout:
-            fail_stale_trials(study)
-            with budget_lock(storage, study_name):
-                trials = study.get_trials(deepcopy=False)
-                finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-                running = sum(t.state == TrialState.RUNNING for t in trials)
-                if finished >= budget:
-                    break
-                trial = study.ask() if finished + running < budget else None
+            trial, finished = retrying(
+                "asking for a trial", lambda: _next_trial(study, storage, study_name, budget)
+            )
+            if finished:
+                break
             if trial is None:
                 time.sleep(POLL_SECONDS)  # the last trials run elsewhere; wait for them
                 continue
-            state = _run(study, trial, ctx, config)
+            state = _run(study, storage, trial, ctx, config)
             summary.trials.append(trial.number)
             if state == TrialState.COMPLETE:
                 summary.complete += 1
@@ -114,16 +113,42 @@ def work(
     return summary
 
 
+def _next_trial(
+    study: optuna.Study, storage: RDBStorage, study_name: str, budget: int
+) -> tuple[optuna.Trial | None, bool]:
+    """(a new trial or None to wait, whether the budget is reached), under the budget lock."""
+    fail_stale_trials(study)  # a dead worker's trial is failed and re-queued here
+    with budget_lock(storage, study_name):
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if finished >= budget:
+            return None, True
+        return (study.ask() if finished + running < budget else None), False
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None, state: TrialState) -> None:
+    def tell() -> None:
+        # UpdateFinishedTrialError: an earlier attempt committed before the connection dropped.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            study.tell(trial, value, state=state)
+
+    retrying(f"recording trial {trial.number}", tell)
+
+
 def _run(
-    study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, config: StudyConfig
+    study: optuna.Study,
+    storage: RDBStorage,
+    trial: optuna.Trial,
+    ctx: StudyContext,
+    config: StudyConfig,
 ) -> TrialState:
-    storage = study._storage
     try:
-        with get_heartbeat_thread(trial._trial_id, storage):
+        with heartbeat(storage, trial._trial_id):
             value = objective(trial, ctx)
     except optuna.TrialPruned as pruned:
         log.info("trial %d pruned: %s", trial.number, pruned)
-        study.tell(trial, state=TrialState.PRUNED)
+        _tell(study, trial, None, TrialState.PRUNED)
         return TrialState.PRUNED
     except (_Stop, KeyboardInterrupt):
         _fail_and_requeue(study, trial, "worker stopped", config.storage.max_retry)
@@ -134,10 +159,10 @@ def _run(
     except Exception as exc:  # a crashed trial must not kill the worker
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         log.error("trial %d failed: %s", trial.number, reason)
-        trial.set_user_attr(ATTR + "error", reason)
-        study.tell(trial, state=TrialState.FAIL)
+        retrying("recording a failure", lambda: trial.set_user_attr(ATTR + "error", reason))
+        _tell(study, trial, None, TrialState.FAIL)
         return TrialState.FAIL
-    study.tell(trial, value)
+    _tell(study, trial, value, TrialState.COMPLETE)
     log.info(
         "trial %d complete: val_loss %.4f  val_acc %.4f",
         trial.number,
@@ -150,7 +175,7 @@ def _run(
 def _fail_and_requeue(study: optuna.Study, trial: optuna.Trial, why: str, max_retry: int) -> None:
     """Fail an interrupted trial and queue it again with the same parameters."""
     trial.set_user_attr(ATTR + "error", why)
-    study.tell(trial, state=TrialState.FAIL)
+    _tell(study, trial, None, TrialState.FAIL)
     frozen = study._storage.get_trial(trial._trial_id)
     RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)(study, frozen)
 

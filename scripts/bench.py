@@ -1,0 +1,203 @@
+"""Benchmark: the usual pipeline (ImageFolder + DataLoader + float32 eager, as the reference
+projects train) against tlopt's trainer, per stage, on the same data and device in one run.
+
+    scripts/bench --device cpu                     # built-in digits, EfficientNet-Lite0
+    scripts/bench --data path/to/folder --model resnet34 --weights none --image-size 224
+
+For each stage it trains the same model for the same epochs both ways and reports training
+images per second (the feature pass of tlopt's cached prefix is included in its time), then
+runs a small study of that stage with tlopt and reports its wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from tlopt.data.cache import decode_source, labels, split_indices
+from tlopt.data.sources import open_source
+from tlopt.models.backbones import create_backbone, normalization
+from tlopt.models.stages import apply_stage, parse_stage, set_train_mode
+from tlopt.train.data import ImageSet
+from tlopt.train.trainer import TrainParams, fit
+
+STAGES = ("head", "freeze1", "freeze2")
+
+
+def digits_folder(root: Path) -> Path:
+    """The digits as PNG files in an ImageFolder layout, as a user's folder would be."""
+    source = open_source("digits", val_fraction=0.2, test_fraction=0.0, seed=0)
+    for i, item in enumerate(source.split_items("train")):
+        folder = root / source.classes[item.label]
+        folder.mkdir(parents=True, exist_ok=True)
+        source.load(item).save(folder / f"{i:04d}.png")
+    return root
+
+
+def baseline(args: argparse.Namespace, folder: Path, stage: str, mean, std) -> float:
+    """Images/s of one epoch-loop the way the seeds train: decode every epoch, fp32, eager."""
+    torch.manual_seed(0)
+    model = create_backbone(args.model, args.weights, num_classes=args.classes).to(args.device)
+    apply_stage(model, parse_stage(stage))
+    transform = transforms.Compose(
+        [
+            transforms.Resize(args.image_size),
+            transforms.CenterCrop(args.image_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+    loader = DataLoader(
+        datasets.ImageFolder(str(folder), transform),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+    )
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    seen, began = 0, time.perf_counter()
+    for _ in range(args.epochs):
+        set_train_mode(model, True, bn_train=False)
+        for x, y in loader:
+            x, y = x.to(args.device), y.to(args.device)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - began)
+
+
+def tlopt_rate(args: argparse.Namespace, data: tuple[ImageSet, ImageSet], stage: str) -> float:
+    torch.manual_seed(0)
+    model = create_backbone(args.model, args.weights, num_classes=args.classes).to(args.device)
+    apply_stage(model, parse_stage(stage))
+    params = TrainParams(batch_size=args.batch_size, epochs=args.epochs, lr=1e-3)
+    began = time.perf_counter()
+    fit(model, data[0], data[1], params, cache={})
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    # fit also validates once per epoch; count training images only, as the baseline does.
+    return len(data[0]) * args.epochs / (time.perf_counter() - began)
+
+
+def study_seconds(args: argparse.Namespace, stage: str, work_dir: Path) -> float:
+    from tlopt.config import load_config
+    from tlopt.tune import study as studies
+    from tlopt.tune.worker import work
+
+    config = work_dir / "bench.toml"
+    source = (
+        'source = "digits"' if args.data is None else f'source = "folder"\npath = "{args.data}"'
+    )
+    config.write_text(f"""
+name = "bench"
+n_trials = {args.trials}
+[data]
+{source}
+image_size = {args.image_size}
+test_fraction = 0.0
+[model]
+backbone = "{args.model}"
+weights = "{args.weights}"
+[search]
+batch_size = [8, 16, 32]
+epochs = [{args.epochs}]
+decay = ["constant", "step", "polynomial", "exponential"]
+[pruner]
+type = "median"
+""")
+    url = f"sqlite:///{work_dir}/bench.db"
+    cfg = load_config(config)
+    if stage != "head" and "bench/head" not in [r["name"] for r in studies.list_studies(url)]:
+        studies.create(cfg, "head", url)
+        work("bench/head", url, n_trials=1, device=args.device)
+    began = time.perf_counter()
+    studies.create(cfg, stage, url)
+    work(f"bench/{stage}", url, n_trials=args.trials, device=args.device)
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data", default=None, help="image folder (default: built-in digits)")
+    parser.add_argument("--model", default="tf_efficientnet_lite0")
+    parser.add_argument("--weights", default="bundled")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=4, help="trials of each small study")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work_dir = Path(tmp)
+        os.environ.setdefault("TLOPT_CACHE", str(work_dir / "cache"))
+        if args.data is None:
+            folder = digits_folder(work_dir / "digits")
+            source = open_source("digits", val_fraction=0.2, test_fraction=0.0, seed=0)
+        else:
+            source = open_source("folder", args.data, val_fraction=0.2, test_fraction=0.0, seed=0)
+            folder = (
+                Path(args.data) / "train"
+                if (Path(args.data) / "train").is_dir()
+                else Path(args.data)
+            )
+        args.classes = len(source.classes)
+        mean, std = normalization(create_backbone(args.model, "none"))
+        images = decode_source(source, args.image_size, work_dir / "cache")
+        y, index = labels(source), split_indices(source)
+        data = tuple(
+            ImageSet.from_arrays(np.asarray(images[index[s]]), y[index[s]], mean, std, args.device)
+            for s in ("train", "val")
+        )
+        report = {
+            "device": args.device,
+            "model": args.model,
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "machine": f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}",
+            "stages": {},
+        }
+        print(
+            f"{'stage':<9}{'baseline img/s':>16}{'tlopt img/s':>14}{'ratio':>8}"
+            f"{'study s':>10}  ({args.trials} trials, {args.epochs} epochs each)"
+        )
+        for stage in args.stages.split(","):
+            base = baseline(args, folder, stage, mean, std)
+            fast = tlopt_rate(args, data, stage)  # type: ignore[arg-type]
+            seconds = study_seconds(args, stage, work_dir)
+            report["stages"][stage] = {
+                "baseline_img_s": round(base, 1),
+                "tlopt_img_s": round(fast, 1),
+                "ratio": round(fast / base, 2),
+                "study_s": round(seconds, 1),
+            }
+            print(
+                f"{stage:<9}{base:>16.1f}{fast:>14.1f}{fast / base:>8.2f}{seconds:>10.1f}",
+                flush=True,
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

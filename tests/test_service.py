@@ -1,0 +1,192 @@
+"""Service at scale: many workers, killed workers, a restarted database, SIGTERM.
+
+These run real worker processes against the real PostgreSQL server (and SQLite), with a tiny
+model so that each trial takes about a second.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tlopt.config import load_config
+from tlopt.tune import study as studies
+from tlopt.tune.worker import work
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+name = "svc"
+seed = 1
+n_trials = {n_trials}
+[data]
+source = "digits"
+image_size = 16
+[model]
+backbone = "test_efficientnet"
+weights = "none"
+[search]
+batch_size = [32, 64]
+epochs = [{epochs}]
+decay = ["constant", "exponential"]
+lr = [1e-3, 3e-3]
+optimizer = ["adam"]
+[pruner]
+type = "nop"
+[storage]
+heartbeat_interval = 1
+grace_period = 4
+"""
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TLOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def make_config(tmp_path: Path, n_trials: int, epochs: int) -> Path:
+    path = tmp_path / "svc.toml"
+    path.write_text(CONFIG.format(n_trials=n_trials, epochs=epochs))
+    return path
+
+
+def start_worker(study: str, url: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tlopt", "worker", "--study", study, "--storage", url, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def states(study_name: str, url: str) -> dict[TrialState, int]:
+    study = optuna.load_study(study_name=study_name, storage=url)
+    counts: dict[TrialState, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] = counts.get(t.state, 0) + 1
+    return counts
+
+
+def finished(counts: dict[TrialState, int]) -> int:
+    return counts.get(TrialState.COMPLETE, 0) + counts.get(TrialState.PRUNED, 0)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.postgres
+def test_eight_workers_share_a_budget_of_forty(pg_storage_url: str, tmp_path: Path) -> None:
+    studies.create(load_config(make_config(tmp_path, 40, 1)), "head", pg_storage_url)
+    proc = start_worker("svc/head", pg_storage_url, "--processes", "8")
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-3000:]
+    counts = states("svc/head", pg_storage_url)
+    assert finished(counts) == 40, counts
+    assert counts.get(TrialState.RUNNING, 0) == 0 and counts.get(TrialState.FAIL, 0) == 0
+    assert output.count("budget 40 finished trials") == 8
+    for bad in ("Traceback", "error", "Error"):
+        assert bad not in output, output[-3000:]
+
+
+def _fine_tuning_study(url: str, tmp_path: Path, n_trials: int, epochs: int) -> str:
+    config = load_config(make_config(tmp_path, n_trials, epochs))
+    studies.create(config, "head", url)
+    work("svc/head", url, n_trials=1)
+    studies.create(config, "freeze1", url)
+    return "svc/freeze1"
+
+
+def test_sigkill_mid_trial_resumes_from_its_checkpoint(storage_url: str, tmp_path: Path) -> None:
+    name = _fine_tuning_study(storage_url, tmp_path, n_trials=2, epochs=12)
+    victim = start_worker(name, storage_url)
+
+    def two_epochs_checkpointed() -> bool:
+        study = optuna.load_study(study_name=name, storage=storage_url)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return any(
+            len(t.intermediate_values) >= 2 and t.user_attrs.get("tlopt.checkpoint")
+            for t in running
+        )
+
+    wait_until(two_epochs_checkpointed, 300, "a running trial with 2 checkpointed epochs")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    study = optuna.load_study(study_name=name, storage=storage_url)
+    killed = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))[0]
+    epochs_done = len(killed.intermediate_values)
+
+    rescuer = start_worker(name, storage_url)
+    output, _ = rescuer.communicate(timeout=600)
+    assert rescuer.returncode == 0, output[-3000:]
+    study = optuna.load_study(study_name=name, storage=storage_url)
+    assert study.trials[killed.number].state == TrialState.FAIL  # failed after the grace period
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == killed.params
+    epochs = [h["epoch"] for h in retry[0].user_attrs["history"]]
+    assert epochs == list(range(1, 13)), epochs  # no repeated epochs
+    assert f"resumes after epoch {epochs_done}" in output or (
+        f"resumes after epoch {epochs_done + 1}" in output
+    ), output[-3000:]
+    assert finished(states(name, storage_url)) == 2
+    assert not retry[0].user_attrs.get("tlopt.checkpoint")  # cleaned up when finished
+
+
+@pytest.mark.postgres
+def test_postgres_restart_while_four_workers_run(
+    pg_storage_url: str, tmp_path: Path, restart_postgres: Callable[[], None]
+) -> None:
+    studies.create(load_config(make_config(tmp_path, 16, 3)), "head", pg_storage_url)
+    proc = start_worker("svc/head", pg_storage_url, "--processes", "4")
+    wait_until(lambda: finished(states("svc/head", pg_storage_url)) >= 2, 300, "2 trials")
+    restart_postgres()
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-3000:]
+    counts = states("svc/head", pg_storage_url)
+    assert finished(counts) == 16, counts
+    assert counts.get(TrialState.RUNNING, 0) == 0
+    assert "restarting" not in output  # no worker process died
+
+
+def test_four_workers_on_one_sqlite_file(sqlite_storage_url: str, tmp_path: Path) -> None:
+    studies.create(load_config(make_config(tmp_path, 16, 1)), "head", sqlite_storage_url)
+    proc = start_worker("svc/head", sqlite_storage_url, "--processes", "4")
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-3000:]
+    assert "database is locked" not in output
+    assert finished(states("svc/head", sqlite_storage_url)) == 16
+
+
+def test_sigterm_stops_cleanly_and_the_next_worker_retries(
+    sqlite_storage_url: str, tmp_path: Path
+) -> None:
+    name = _fine_tuning_study(sqlite_storage_url, tmp_path, n_trials=2, epochs=12)
+    proc = start_worker(name, sqlite_storage_url, "--processes", "2")
+    wait_until(
+        lambda: states(name, sqlite_storage_url).get(TrialState.RUNNING, 0) >= 1, 300, "a trial"
+    )
+    time.sleep(1.0)
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - began < 30  # well inside the grace period
+    counts = states(name, sqlite_storage_url)
+    assert counts.get(TrialState.RUNNING, 0) == 0, counts
+    assert counts.get(TrialState.WAITING, 0) >= 1  # the interrupted trials, re-queued
+    assert "Traceback" not in output
+    work(name, sqlite_storage_url)
+    counts = states(name, sqlite_storage_url)
+    assert finished(counts) == 2 and counts.get(TrialState.WAITING, 0) == 0
