@@ -84,6 +84,9 @@ def test_stages_prune_chain_and_export(storage_url: str, tiny: Path, tmp_path: P
     config = load_config(tiny)
     plan = studies.create(config, "head", storage_url)
     assert plan.created and plan.name == "tiny/head" and len(plan.classes) == 10
+    queue = optuna.load_study(study_name="tiny/head", storage=storage_url)
+    queue.enqueue_trial({"lr": 3e-3, "decay": "constant"})  # a good first trial, then a bad one
+    queue.enqueue_trial({"lr": 9.0, "decay": "constant"})
     summary = work("tiny/head", storage_url)
     head = optuna.load_study(study_name="tiny/head", storage=storage_url)  # plain Optuna reads it
     assert finished(head) == 6 and summary.complete + summary.pruned == 6

@@ -68,8 +68,9 @@ class SearchSpace:
     weight_decay: Choice | FloatRange = (0.0,)
     momentum: Choice = (0.9,)
     patience: int = 0
-    flip: bool = True
+    flip: Choice = (True,)  # random horizontal flips; [true, false] searches it (seed 004)
     bn_train: bool | None = None  # None: only the scratch stage trains BatchNorm statistics
+    cut: Choice = ()  # feature stages to cut the backbone at (seed 004); empty: no cut
 
 
 @dataclass(frozen=True)
@@ -341,10 +342,10 @@ class _Parser:
     def search(self, raw: dict[str, Any], w: str, base: SearchSpace) -> SearchSpace:
         self.known(raw, [f for f in SearchSpace.__dataclass_fields__], w)
 
-        def positive_int(high: int) -> Any:
+        def positive_int(high: int, low: int = 1) -> Any:
             def check(v: Any) -> str | None:
-                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high:
-                    return f"{v!r} is not a whole number between 1 and {high}"
+                if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                    return f"{v!r} is not a whole number between {low} and {high}"
                 return None
 
             return check
@@ -408,15 +409,16 @@ class _Parser:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             self.fail(f"{w}patience", f"{patience!r} is not a whole number >= 0 (0: off)")
             patience = base.patience
-        flip = raw.get("flip", base.flip)
-        if not isinstance(flip, bool):
-            self.fail(f"{w}flip", f"{flip!r} must be true or false")
-            flip = base.flip
+        def boolean(v: Any) -> str | None:
+            return None if isinstance(v, bool) else f"{v!r} must be true or false"
+
+        flip = self.choices(raw, "flip", base.flip, w, boolean)
         bn_train = raw.get("bn_train", base.bn_train)
         if bn_train is not None and not isinstance(bn_train, bool):
             self.fail(f"{w}bn_train", f"{bn_train!r} must be true or false")
             bn_train = base.bn_train
         return SearchSpace(
+            cut=self.choices(raw, "cut", base.cut, w, positive_int(64, low=0)),
             bn_train=bn_train,
             batch_size=self.choices(raw, "batch_size", base.batch_size, w, batch),
             epochs=self.choices(raw, "epochs", base.epochs, w, positive_int(10_000)),

@@ -28,6 +28,7 @@ import numpy as np
 import optuna
 import timm
 import torch
+from safetensors.torch import load_file, save_file
 from timm.models._hub import save_for_hf
 from torch import nn
 
@@ -35,6 +36,8 @@ import tlopt
 from tlopt.errors import TloptError
 from tlopt.export.descriptors import predict
 from tlopt.export.plots import confusion_plot, history_plots
+from tlopt.models.backbones import create_backbone
+from tlopt.models.cut import CutModel
 from tlopt.train.data import ImageSet
 from tlopt.train.metrics import classification_metrics
 from tlopt.tune.context import StudyContext
@@ -145,6 +148,20 @@ def export_best(
 def _write_model(model: nn.Module, folder: Path, ctx: StudyContext) -> None:
     folder.mkdir()
     cpu = model.to("cpu").to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    if isinstance(cpu, CutModel):
+        # timm cannot describe a cut backbone; tlopt.load_model rebuilds it from this config.
+        config = {
+            "architecture": ctx.config.model.backbone,
+            "tlopt_cut": cpu.cut,
+            "num_classes": len(ctx.classes),
+            "label_names": ctx.classes,
+            "pretrained_cfg": {k: v for k, v in cpu.pretrained_cfg.items() if k != "state_dict"},
+        }
+        (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
+        state = {k: v.contiguous() for k, v in cpu.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"))
+        model.to(ctx.device)
+        return
     save_for_hf(
         cpu,
         str(folder),
@@ -203,6 +220,14 @@ def load_model(path: str | Path) -> nn.Module:
             f"'{path}' is not a tlopt export (no model/config.json): pass the "
             "folder written by 'tlopt export-best --out'"
         )
-    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    config = json.loads((folder / "config.json").read_text())
+    if "tlopt_cut" in config:
+        model = create_backbone(
+            config["architecture"], "none", config["num_classes"], cut=config["tlopt_cut"]
+        )
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        model.pretrained_cfg = config["pretrained_cfg"]
+    else:
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True)
     model.eval()
     return model

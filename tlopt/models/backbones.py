@@ -60,13 +60,24 @@ def check_model_name(name: str) -> None:
 
 
 def create_backbone(
-    name: str, weights: str = "pretrained", num_classes: int = 1000, drop_rate: float = 0.0
+    name: str,
+    weights: str = "pretrained",
+    num_classes: int = 1000,
+    drop_rate: float = 0.0,
+    cut: int | None = None,
 ) -> nn.Module:
     """Create timm model ``name`` with ``weights`` and a new ``num_classes``-way head.
+
+    ``cut`` keeps the backbone only up to that feature stage (see ``tlopt.models.cut``).
 
     Example:
         >>> model = create_backbone("tf_efficientnet_lite0", "bundled", num_classes=10)
     """
+    if cut is not None:
+        from tlopt.models.cut import CutModel
+
+        base = create_backbone(name, weights, num_classes, drop_rate)
+        return CutModel(base, cut, num_classes, drop_rate)
     check_model_name(name)
     spec = WeightsSpec.parse(weights)
     if spec.kind == "pretrained":

@@ -24,7 +24,7 @@ from tlopt.models.backbones import classifier_name
 
 # Names timm gives to the parts of ``forward_head`` (pooling, pre-logits, classifier).
 _HEAD_PARTS = {"global_pool", "pre_logits", "head", "fc", "classifier", "head_drop", "fc_norm"}
-_VERIFIED: dict[tuple[str, int], bool] = {}
+_VERIFIED: dict[tuple[str, str, int | None, int], bool] = {}
 
 
 def _frozen(module: nn.Module) -> bool:
@@ -70,7 +70,12 @@ class SplitModel:
         return body
 
     def _verify(self, model: nn.Module, image_size: int) -> bool:
-        key = (model.pretrained_cfg.get("architecture", type(model).__name__), image_size)
+        key = (
+            model.pretrained_cfg.get("architecture", ""),
+            type(model).__name__,
+            getattr(model, "cut", None),
+            image_size,
+        )
         if key not in _VERIFIED:
             was_training = model.training
             model.eval()

@@ -54,6 +54,8 @@ def parse_stage(name: str) -> Stage:
 
 def block_groups(model: nn.Module) -> list[list[str]]:
     """Module names of each block group, stem first, the classifier excluded."""
+    if hasattr(model, "tlopt_block_groups"):
+        return list(model.tlopt_block_groups())
     classifier = classifier_name(model)
     grouped = group_modules(model, model.group_matcher(coarse=True))
     groups = [
@@ -95,18 +97,20 @@ class StagePlan:
 def apply_stage(model: nn.Module, stage: Stage, freeze_modules: int | None = None) -> StagePlan:
     """Set ``requires_grad`` for ``stage`` and return what is frozen.
 
-    ``freeze_modules = N`` instead freezes the first N modules that hold parameters, in order
+    ``freeze_modules = N`` instead freezes the first N layers (leaf modules), in order
     (seed 001's "first 140 layers" of ResNet-50).
     """
     classifier = classifier_name(model)
     groups = block_groups(model)
     if freeze_modules is not None:
-        leaves = [n for n, m in model.named_modules() if _owns_params(m)]
+        # Leaf modules in order, as Keras counts layers (activations and pools included):
+        # the first 140 of timm's ResNet-50 end at layer3.4.conv3, Keras's conv4_block5.
+        leaves = [n for n, m in model.named_modules() if n and not any(m.children())]
         leaves = [n for n in leaves if not _inside(n, classifier)]
         if freeze_modules > len(leaves):
             raise ConfigError(
                 f"freeze_modules = {freeze_modules} but the backbone has only {len(leaves)} "
-                "modules with parameters before its classifier"
+                "layers before its classifier"
             )
         frozen = leaves[:freeze_modules]
     elif stage.frozen_groups is None:
@@ -129,10 +133,6 @@ def apply_stage(model: nn.Module, stage: Stage, freeze_modules: int | None = Non
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return StagePlan(stage.name, tuple(frozen), trainable, total)
-
-
-def _owns_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
 
 
 def _inside(name: str, prefix: str) -> bool:

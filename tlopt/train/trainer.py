@@ -94,7 +94,9 @@ class _Inputs:
         self.split, self.data, self.mirror = split, data, mirror
         self.cached: torch.Tensor | None = None
         if split.has_prefix:
-            key = f"{id(data)}|{split.mode}:{split.cut}|{mirror}"
+            # Valid for models whose frozen prefix holds the same weights (one study's trials).
+            cut = getattr(split.model, "cut", None)
+            key = f"{id(data)}|{split.mode}:{split.cut}|cut{cut}|{mirror}"
             if key not in cache:
                 cache[key] = self._compute()
             self.cached = cache[key]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,8 @@ class StudyContext:
         head = attrs.get(ATTR + "head")
         if self.stage.from_head and head:
             self.head_state = self._download_state(head["artifact_id"])
+            if "cut" in head.get("params", {}):  # the head fits only the cut it was trained at
+                self.space = replace(self.space, cut=(int(head["params"]["cut"]),))
         probe = create_backbone(self.config.model.backbone, "none", len(self.classes))
         self.mean, self.std = normalization(probe)
         self.sets: dict[str, ImageSet] = {}
@@ -104,12 +107,12 @@ class StudyContext:
     def has_split(self, name: str) -> bool:
         return name in self.index and len(self.index[name]) > 0
 
-    def build_model(self, dropout: float) -> nn.Module:
+    def build_model(self, dropout: float, cut: int | None = None) -> nn.Module:
         """A fresh model for one trial: seeded head, stage applied, on the device."""
         cfg = self.config.model
         torch.manual_seed(self.config.seed)
         weights = cfg.weights if self.stage.pretrained else "none"
-        model = create_backbone(cfg.backbone, weights, len(self.classes), drop_rate=dropout)
+        model = create_backbone(cfg.backbone, weights, len(self.classes), dropout, cut)
         if self.head_state is not None:
             model.get_submodule(classifier_name(model)).load_state_dict(self.head_state)
         freeze_modules = cfg.freeze_modules if self.stage.name != "head" else None

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tlopt.models.backbones import classifier_name
+from tlopt.report.trial_artifacts import write_trial_artifacts
 from tlopt.train.trainer import EpochRecord, FitResult, NonFiniteLoss, TrainParams, fit
 from tlopt.tune.context import ATTR, StudyContext
 from tlopt.tune.resilience import retrying
@@ -38,8 +39,9 @@ def train_trial(
     Fine-tuning trials save a checkpoint artifact after every epoch; a trial re-queued after
     its worker died inherits the attribute and resumes from that epoch.
     """
-    params, dropout = suggest(trial, ctx.space, ctx.stage.name)
-    model = ctx.build_model(dropout)
+    setup = suggest(trial, ctx.space, ctx.stage.name)
+    params, dropout = setup.params, setup.dropout
+    model = ctx.build_model(dropout, setup.cut)
     live = isinstance(trial, optuna.Trial)
     checkpoints = live and report and ctx.stage.name != "head" and ctx.config.storage.checkpoint
     resume = _load_checkpoint(trial, ctx) if checkpoints else None
@@ -178,6 +180,7 @@ def objective(trial: optuna.Trial, ctx: StudyContext) -> float:
         retrying(
             "saving the head", lambda: trial.set_user_attr(ATTR + "head_artifact", artifact_id)
         )
+    write_trial_artifacts(trial, ctx, result.history, params)
     return result.best_val_loss
 
 

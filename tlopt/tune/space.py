@@ -7,6 +7,7 @@ parameter plots, but they are recorded in the trial's ``params`` through the ret
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -24,9 +25,16 @@ def _pick(trial: optuna.trial.BaseTrial, name: str, space: Choice | FloatRange) 
     return trial.suggest_categorical(name, list(space))
 
 
-def suggest(
-    trial: optuna.trial.BaseTrial, space: SearchSpace, stage: str = "head"
-) -> tuple[TrainParams, float]:
+@dataclass(frozen=True)
+class TrialSetup:
+    """What one trial trains with: the trainer's parameters and the model's."""
+
+    params: TrainParams
+    dropout: float
+    cut: int | None
+
+
+def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace, stage: str = "head") -> TrialSetup:
     """Sample training parameters and the head's dropout rate for one trial.
 
     Decay parameters are suggested under the decay's own name (``step.gamma``), so each decay
@@ -46,11 +54,12 @@ def suggest(
         momentum=float(_pick(trial, "momentum", space.momentum)),
         weight_decay=float(_pick(trial, "weight_decay", space.weight_decay)),
         patience=space.patience,
-        flip=space.flip,
+        flip=bool(_pick(trial, "flip", space.flip)),
         bn_train=space.bn_train if space.bn_train is not None else stage == "scratch",
     )
     dropout = float(_pick(trial, "dropout", space.dropout))
-    return params, dropout
+    cut = int(_pick(trial, "cut", space.cut)) if space.cut else None
+    return TrialSetup(params, dropout, cut)
 
 
 def space_size(space: SearchSpace) -> int | None:

@@ -120,6 +120,7 @@ def create(
             "value": best.value,
             "val_accuracy": best.user_attrs.get("val_accuracy"),
             "artifact_id": best.user_attrs[ATTR + "head_artifact"],
+            "params": best.params,
         }
     result = CreatePlan(
         name,
