@@ -157,7 +157,9 @@ def test_cache_is_built_once_and_memory_mapped(tmp_path, monkeypatch):
         expected = resize_square(load_rgb(source.root / item.key), 16)
         assert np.array_equal(first[index], expected)
     files = [p.name for p in cache_dir.iterdir()]
-    assert files == [f"decoded-{source.fingerprint[:16]}-16.npy"]  # no temporary file left
+    assert files == [
+        f"decoded-v{cache_module.FORMAT}-{source.fingerprint[:16]}-16.npy"
+    ]  # no temporary file left
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("the second call must not decode")

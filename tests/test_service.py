@@ -190,3 +190,17 @@ def test_sigterm_stops_cleanly_and_the_next_worker_retries(
     work(name, sqlite_storage_url)
     counts = states(name, sqlite_storage_url)
     assert finished(counts) == 2 and counts.get(TrialState.WAITING, 0) == 0
+
+
+def test_gpu_slots_are_pinned_per_process() -> None:
+    from tlopt.errors import TloptError
+    from tlopt.tune.worker import parse_gpus, slot_devices
+
+    assert slot_devices(["0", "1"], per_gpu=2, processes=1) == ["0", "0", "1", "1"]
+    assert slot_devices(["0", "1"], per_gpu=1, processes=1, visible="2,3") == ["2", "3"]
+    assert slot_devices([], per_gpu=2, processes=3) == [None, None, None]
+    with pytest.raises(TloptError, match="only 2 GPUs are visible"):
+        slot_devices(["2"], per_gpu=1, processes=1, visible="4,5")
+    assert parse_gpus("0, 1") == ["0", "1"] and parse_gpus(None) == []
+    with pytest.raises(TloptError, match="comma-separated"):
+        parse_gpus("first")

@@ -292,6 +292,25 @@ def dashboard(
     serve(storage, host, port, artifacts)
 
 
+@app.command("report")
+def report(
+    study: Annotated[
+        list[str], typer.Option(help="Study name; repeat to compare stages (head, freeze1, ...).")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder for report.html and its PNGs.")],
+    storage: StorageOpt = None,
+    export: Annotated[
+        Path | None,
+        typer.Option(help="Folder written by export-best: adds its confusion matrix and report."),
+    ] = None,
+) -> None:
+    """Write one HTML report (with its PNGs) on the studies' trials, stages and export."""
+    from tlopt.report import write_report
+
+    page = write_report(study, out, storage, export)
+    typer.echo(f"wrote {page}")
+
+
 def _warning_line(message: Warning | str, category: type[Warning], *_args: Any, **_kw: Any) -> None:
     sys.stderr.write(f"warning: {message}\n")
 

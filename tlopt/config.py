@@ -147,8 +147,22 @@ def load_config(path: str | Path, data_path: str | None = None) -> StudyConfig:
     if data_path is not None:
         data = raw.setdefault("data", {})
         if isinstance(data, dict):
-            data["path"] = str(Path(data_path).expanduser().resolve())
+            try:
+                data["path"] = str(Path(data_path).expanduser().resolve())
+            except (RuntimeError, ValueError) as exc:  # unknown '~user', NUL character
+                raise ConfigError(f"--data '{data_path}': not a usable path ({exc})") from None
     return _Parser(str(path)).study(raw, base_dir=path.parent)
+
+
+def _one_line(text: str) -> str:
+    """``text`` with the characters that would break or hide a line escaped (one problem, one line).
+
+    Keys and values come from the user's file: a key may hold a newline, a record separator
+    (which ``str.splitlines`` also splits at) or a terminal escape.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class _Parser:
@@ -159,7 +173,7 @@ class _Parser:
         self.problems: list[str] = []
 
     def fail(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.source}: {key}: {message}")
+        self.problems.append(_one_line(f"{self.source}: {key}: {message}"))
 
     def known(self, table: dict[str, Any], allowed: list[str], where: str) -> None:
         for key in table:
@@ -211,6 +225,9 @@ class _Parser:
         if not isinstance(value, str):
             self.fail(f"{where}{key}", f"{value!r} must be a string")
             return default
+        if "\x00" in value:  # no path, URL or database text field may hold one
+            self.fail(f"{where}{key}", f"{value!r} contains a NUL character (\\u0000)")
+            return default
         if choices is not None and value not in choices:
             close = difflib.get_close_matches(value, choices, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -249,7 +266,10 @@ class _Parser:
             try:
                 parse_stage(stage)
             except ConfigError as exc:
-                self.fail(f"stages.{stage}", str(exc))
+                self.fail(f"stages.{stage[:40]}", str(exc))
+                continue
+            except ValueError:  # "freeze" and more digits than int() reads (4,300)
+                self.fail(f"stages.{stage[:40]}", "unknown stage: the freeze count is too large")
                 continue
             if not isinstance(table, dict):
                 self.fail(f"stages.{stage}", "must be a table")
@@ -271,8 +291,14 @@ class _Parser:
         path = self.text(raw, "path", "", w)
         if source in ("folder", "cifar10") and not path:
             self.fail(f"{w}path", f"source '{source}' needs a path to the data folder")
-        if path and base_dir is not None and not Path(path).expanduser().is_absolute():
-            path = str((base_dir / Path(path).expanduser()).resolve())
+        if path and base_dir is not None:
+            try:
+                expanded = Path(path).expanduser()
+            except RuntimeError:  # '~someone/...' for a user this machine does not know
+                self.fail(f"{w}path", f"'{path}': cannot expand '~' (no such user or no HOME)")
+            else:
+                if not expanded.is_absolute():
+                    path = str((base_dir / expanded).resolve())
         size = self.number(raw, "image_size", 224, int, 8, 2048, w)
         val = self.number(raw, "val_fraction", 0.2, float, 0.01, 0.9, w)
         test = self.number(raw, "test_fraction", 0.2, float, 0.0, 0.9, w)
@@ -317,7 +343,10 @@ class _Parser:
         value = raw[key]
         if allow_range and isinstance(value, dict):
             self.known(value, ["low", "high", "log"], f"{where}{key}.")
-            low, high, log = value.get("low"), value.get("high"), bool(value.get("log", False))
+            low, high, log = value.get("low"), value.get("high"), value.get("log", False)
+            if not isinstance(log, bool):
+                self.fail(f"{where}{key}.log", f"{log!r} must be true or false")
+                return default
             for bound in (low, high):
                 problem = check(bound)
                 if problem:
@@ -409,6 +438,7 @@ class _Parser:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             self.fail(f"{w}patience", f"{patience!r} is not a whole number >= 0 (0: off)")
             patience = base.patience
+
         def boolean(v: Any) -> str | None:
             return None if isinstance(v, bool) else f"{v!r} must be true or false"
 
@@ -418,7 +448,9 @@ class _Parser:
             self.fail(f"{w}bn_train", f"{bn_train!r} must be true or false")
             bn_train = base.bn_train
         return SearchSpace(
-            cut=self.choices(raw, "cut", base.cut, w, positive_int(64, low=0)),
+            cut=()
+            if raw.get("cut") == []  # the snapshot of "no cut"
+            else self.choices(raw, "cut", base.cut, w, positive_int(64, low=0)),
             bn_train=bn_train,
             batch_size=self.choices(raw, "batch_size", base.batch_size, w, batch),
             epochs=self.choices(raw, "epochs", base.epochs, w, positive_int(10_000)),
@@ -454,6 +486,8 @@ class _Parser:
         }
         if isinstance(raw.get("options"), dict):
             options.update(raw["options"])
+        elif "options" in raw:
+            self.fail(f"{w}options", f"{raw['options']!r} must be a table of pruner arguments")
         from tlopt.tune.pruners import make_pruner
 
         try:

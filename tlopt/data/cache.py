@@ -26,9 +26,14 @@ from tlopt.data.sources import SPLITS, Item, Source
 _CHUNK = 1024
 
 
+# Bumped whenever decoding changes (resize arithmetic, colour conversion): old files are not
+# reused. 2: resize and crop match torchvision's Resize + CenterCrop.
+FORMAT = 2
+
+
 def cache_path(source: Source, image_size: int, cache_dir: Path) -> Path:
     """Where :func:`decode_source` keeps the decoded array of ``source`` at ``image_size``."""
-    return Path(cache_dir) / f"decoded-{source.fingerprint[:16]}-{image_size}.npy"
+    return Path(cache_dir) / f"decoded-v{FORMAT}-{source.fingerprint[:16]}-{image_size}.npy"
 
 
 def decode_source(

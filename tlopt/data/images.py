@@ -274,13 +274,16 @@ def resize_square(img: Image.Image, size: int) -> np.ndarray:
         raise ValueError(f"size must be at least 1 but got {size}")
     rgb = to_rgb(img)
     width, height = rgb.size
-    scale = size / min(width, height)
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    # The same arithmetic as torchvision's Resize(size) + CenterCrop(size), so that cached
+    # batches equal the usual pipeline's: the long side truncates, the crop offset rounds.
+    short, long = min(width, height), max(width, height)
+    new_long = max(size, int(size * long / short))
+    new_size = (size, new_long) if width <= height else (new_long, size)
     if new_size != rgb.size:
         # Pillow's BILINEAR widens its filter when shrinking, which is the antialiasing we want;
         # reducing_gap=None keeps it exact rather than pre-reducing with a box filter.
         rgb = rgb.resize(new_size, Image.Resampling.BILINEAR, reducing_gap=None)
-    left = (new_size[0] - size) // 2
-    top = (new_size[1] - size) // 2
+    left = int(round((new_size[0] - size) / 2.0))
+    top = int(round((new_size[1] - size) / 2.0))
     square = rgb.crop((left, top, left + size, top + size))
     return np.asarray(square, dtype=np.uint8).reshape(size, size, 3)

@@ -177,11 +177,15 @@ def open_source(
         raise DataError(f"unknown data kind {kind!r}: use one of {', '.join(KINDS)}")
     if path is None:
         raise DataError(f"data kind {kind!r} needs a path: set data.path in the study file")
+    try:
+        folder = Path(path).expanduser()
+    except RuntimeError:  # '~someone/...' for a user this machine does not know
+        raise DataError(f"data path '{path}': cannot expand '~' (no such user)") from None
+    if "\x00" in str(folder):
+        raise DataError(f"data path {str(path)!r} contains a NUL character")
     if kind == "cifar10":
-        return _open_cifar10(Path(path).expanduser(), val_fraction, seed)
-    return _open_folder(
-        Path(path).expanduser(), val_fraction, test_fraction, seed, max_bad_fraction
-    )
+        return _open_cifar10(folder, val_fraction, seed)
+    return _open_folder(folder, val_fraction, test_fraction, seed, max_bad_fraction)
 
 
 def _check_fractions(val_fraction: float, test_fraction: float, max_bad_fraction: float) -> None:

@@ -49,7 +49,7 @@ class _Figures:
                 plt.close("all")
                 return h.missing(f"This figure could not be drawn ({type(exc).__name__}: {exc}).")
             buffer = BytesIO()
-            fig.savefig(buffer, format="png")
+            fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.15)
             plt.close(fig)
         png = buffer.getvalue()
         path = self.out / f"{name}.png"

@@ -22,6 +22,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from tlopt.report.collect import SETTINGS, StudyView, TrialView  # noqa: E402
@@ -37,7 +38,7 @@ DECAY_COLOURS = {
     "cosine": "#ff7f0e",
 }
 STAGE_COLOURS = {"head": "#8c564b", "freeze1": "#17becf", "freeze2": "#1f77b4", "full": "#2ca02c"}
-PRUNED_STYLE = {"linestyle": "--", "linewidth": 1.0, "alpha": 0.55}
+PRUNED_STYLE: dict[str, Any] = {"linestyle": "--", "linewidth": 1.0, "alpha": 0.55}
 WIDE = (10.0, 3.8)  # inches; at 100 dpi the page shows them at their natural size
 
 
@@ -79,7 +80,7 @@ def curves_by(view: StudyView, key: str) -> Figure:
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=WIDE, layout="constrained")
     for t in trials:
         epochs = [h["epoch"] for h in t.history]
-        extra = PRUNED_STYLE if t.pruned else {"linewidth": 1.6, "alpha": 0.9}
+        extra: dict[str, Any] = PRUNED_STYLE if t.pruned else {"linewidth": 1.6, "alpha": 0.9}
         colour = colours[t.setting[key]]
         loss_ax.plot(epochs, [h["val_loss"] for h in t.history], color=colour, **extra)
         acc = [100 * h["val_accuracy"] for h in t.history]
@@ -87,6 +88,7 @@ def curves_by(view: StudyView, key: str) -> Figure:
     _clip_top(loss_ax, [h["val_loss"] for t in trials for h in t.history])
     loss_ax.set(title="validation loss", xlabel="epoch", ylabel="cross-entropy (nats)")
     acc_ax.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    _integer_x(loss_ax, acc_ax)
     label = SETTINGS[key]
     handles = [
         Line2D([], [], color=colours[v], linewidth=2, label=f"{v} ({_count(trials, key, v)})")
@@ -112,6 +114,9 @@ def importances(view: StudyView) -> Figure:
     ax.set_title(f"{view.name}: parameter importance for the validation loss", loc="left")
     ax.set_xlabel("importance (fANOVA, share of the loss variance; sums to 1)")
     ax.set_ylabel("parameter")
+    legend = ax.get_legend()
+    if legend is not None:
+        legend.remove()  # one bar per parameter: the legend would repeat the title
     fig = _figure(ax)
     fig.set_size_inches(WIDE[0], max(2.6, 1.2 + 0.45 * len(ax.get_yticks())))
     fig.tight_layout()
@@ -122,11 +127,11 @@ def slices(view: StudyView) -> Figure:
     """Optuna's slice plot: the validation loss of every complete trial against each parameter."""
     _need_searched_params(view, "slice")
     axes = optuna.visualization.matplotlib.plot_slice(view.study, target_name="validation loss")
-    axes_list = list(np.atleast_1d(axes).ravel())
+    axes_list: list[Axes] = list(np.ravel(axes))  # type: ignore[arg-type]
     fig = _figure(axes_list[0])
-    for ax in axes_list:
-        ax.set_ylabel("validation loss (nats)")
-    fig.set_size_inches(min(16.0, max(WIDE[0], 3.3 * len(axes_list))), WIDE[1])
+    for i, ax in enumerate(axes_list):
+        ax.set_ylabel("validation loss (nats)" if i == 0 else "")
+    fig.set_size_inches(min(16.0, 1.5 + 2.6 * len(axes_list)), WIDE[1])
     fig.suptitle(f"{view.name}: validation loss against each parameter (colour: trial number)")
     return fig
 
@@ -136,7 +141,7 @@ def history(view: StudyView) -> Figure:
     if not view.complete:
         raise Unavailable("No complete trial yet: the history needs at least one.")
     ax = optuna.visualization.matplotlib.plot_optimization_history(
-        view.study, target_name="best validation loss of the trial"
+        view.study, target_name="complete trial (its best val loss)"
     )
     pruned = [(t.number, t.last_val_loss) for t in view.pruned if t.last_val_loss is not None]
     if pruned:
@@ -146,10 +151,14 @@ def history(view: StudyView) -> Figure:
     _clip_top(ax, values)
     ax.set_title(f"{view.name}: optimization history ({len(view.pruned)} pruned)")
     ax.set_xlabel("trial number")
+    _integer_x(ax)
     ax.set_ylabel("validation loss (nats)")
     fig = _figure(ax)
     fig.set_size_inches(*WIDE)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
+    handles, labels = ax.get_legend_handles_labels()
+    words = {"Best Value": "best so far"}
+    labels = [words.get(label, label) for label in labels]
+    ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -180,8 +189,17 @@ def overfitting(view: StudyView, top: int = 5) -> Figure:
         ax.axhline(0, color="black", linewidth=0.8)
     loss_ax.set(title="loss gap", xlabel="epoch", ylabel="val − train loss (nats)")
     acc_ax.set(title="accuracy gap", xlabel="epoch", ylabel="train − val accuracy (% points)")
+    _integer_x(loss_ax, acc_ax)
     handles, labels = loss_ax.get_legend_handles_labels()
-    fig.legend(handles, labels, title="best trials", loc="outside right upper", fontsize=9)
+    fig.set_size_inches(WIDE[0], WIDE[1] + 0.25 * len(best))
+    fig.legend(
+        handles,
+        labels,
+        title="best trials (trial number: setting, objective)",
+        loc="outside lower center",
+        ncols=2,
+        fontsize=9,
+    )
     fig.suptitle(f"{view.name}: overfitting of the {len(best)} best trials (above 0: overfit)")
     return fig
 
@@ -229,14 +247,16 @@ def stage_comparison(views: Sequence[StudyView]) -> Figure:
     names = [v.name for v, _ in rows]
     colours = [stage_colour(v.stage, i) for i, (v, _) in enumerate(rows)]
     accuracy = [100 * (b.val_accuracy or 0.0) for _, b in rows]
-    minutes = [v.wall_seconds / 60 for v, _ in rows]
-    for ax, data, fmt in ((acc_ax, accuracy, "{:.1f} %"), (time_ax, minutes, "{:.1f} min")):
+    seconds = [v.wall_seconds for v, _ in rows]
+    unit, scale = ("min", 60.0) if max(seconds) >= 120 else ("s", 1.0)
+    cost = [s / scale for s in seconds]
+    for ax, data, fmt in ((acc_ax, accuracy, "{:.1f} %"), (time_ax, cost, "{:.1f} " + unit)):
         bars = ax.bar(range(len(rows)), data, color=colours)
         ax.bar_label(bars, [fmt.format(d) for d in data], padding=2, fontsize=9)
         ax.set_xticks(range(len(rows)), names, rotation=15, ha="right")
         ax.margins(y=0.15)
     acc_ax.set(title="best trial's validation accuracy", ylabel="accuracy (%)")
-    time_ax.set(title="cost: wall time of all finished trials", ylabel="wall time (min)")
+    time_ax.set(title="cost: wall time of all finished trials", ylabel=f"wall time ({unit})")
     fig.suptitle("stages compared: accuracy of the best trial (lowest val loss) and cost")
     return fig
 
@@ -255,6 +275,11 @@ def _figure(ax: Axes) -> Figure:
     fig = ax.figure
     assert isinstance(fig, Figure)
     return fig
+
+
+def _integer_x(*axes: Axes) -> None:
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _count(trials: Sequence[TrialView], key: str, value: Any) -> int:

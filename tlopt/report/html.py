@@ -51,12 +51,16 @@ def missing(reason: str) -> str:
 def table(
     columns: Sequence[str], rows: Sequence[Sequence[Any]], row_ids: Sequence[str] = ()
 ) -> str:
-    """A table; numbers are right-aligned. ``row_ids`` become ``data-row`` attributes."""
+    """A table whose first column names the row; numbers are right-aligned.
+
+    ``row_ids`` become ``data-row`` attributes (for scripts and tests that read the page).
+    """
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = []
     for i, row in enumerate(rows):
         cells = "".join(
-            f'<td class="num">{esc(v)}</td>' if _numeric(v) else f"<td>{esc(v)}</td>" for v in row
+            f'<td class="num">{esc(v)}</td>' if j and _numeric(v) else f"<td>{esc(v)}</td>"
+            for j, v in enumerate(row)
         )
         rid = f' data-row="{esc(row_ids[i])}"' if i < len(row_ids) else ""
         body.append(f"<tr{rid}>{cells}</tr>")

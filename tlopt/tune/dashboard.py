@@ -1,43 +1,143 @@
-"""``tlopt dashboard``: optuna-dashboard over the study storage, with tlopt's artifact store."""
+"""``tlopt dashboard``: optuna-dashboard over the study storage, with tlopt's artifact store.
+
+Each trial's page then shows the curves PNG the trial uploaded as an artifact and its note.
+The server is optuna-dashboard's own WSGI app (``optuna_dashboard.wsgi``) on a threaded
+wsgiref server, bound to 127.0.0.1 unless ``--host`` says otherwise.
+"""
 
 from __future__ import annotations
 
 import errno
 import logging
 import socket
+from collections.abc import Sequence
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import Any, BinaryIO
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 from tlopt.errors import TloptError
+from tlopt.tune.context import ATTR
 from tlopt.tune.storage import (
     artifact_store,
     default_artifact_dir,
     mask_url,
     open_storage,
     resolve_url,
+    sqlite_path,
 )
 
 log = logging.getLogger("tlopt.dashboard")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class _ThreadedServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a browser holding a connection open must not block Ctrl-C
+
+
+class _ThreadedServer6(_ThreadedServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (wsgiref's name)
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+class FolderChain:
+    """Artifacts from several folders (studies with their own ``[storage] artifacts``).
+
+    Reads try each folder in turn; uploads from the dashboard go to the first one.
+    """
+
+    def __init__(self, folders: Sequence[Path]) -> None:
+        self.stores = [FileSystemArtifactStore(str(f)) for f in folders]
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        for store in self.stores:
+            try:
+                return store.open_reader(artifact_id)
+            except ArtifactNotFound:
+                continue
+        raise ArtifactNotFound(f"artifact {artifact_id} is in none of the artifact folders")
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self.stores[0].write(artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        removed = 0
+        for store in self.stores:
+            try:
+                store.remove(artifact_id)
+                removed += 1
+            except ArtifactNotFound:
+                continue
+        if not removed:
+            raise ArtifactNotFound(f"artifact {artifact_id} is in none of the artifact folders")
+
+
+def artifact_folders(storage: optuna.storages.BaseStorage, url: str) -> list[Path]:
+    """The artifact folders of every study in the storage, then the default folder."""
+    folders: list[Path] = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        folder = summary.user_attrs.get(ATTR + "artifacts")
+        if folder and Path(folder).resolve() not in folders:
+            folders.append(Path(folder).resolve())
+    default = default_artifact_dir(url)
+    if default not in folders:
+        folders.append(default)
+    return folders
+
+
+def _bind(host: str, port: int, app: Any) -> WSGIServer:
+    try:
+        server_class = _ThreadedServer6 if ":" in host else _ThreadedServer
+        return make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise TloptError(
+                f"port {port} on {host} is busy (another dashboard?): pass --port with a free "
+                f"one, e.g. 'tlopt dashboard --port {port + 1}'"
+            ) from None
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            raise TloptError(
+                f"cannot bind {host}:{port}: {exc.strerror}; pass --host with an address of "
+                "this machine (127.0.0.1 keeps the dashboard local)"
+            ) from None
+        raise TloptError(f"cannot bind {host}:{port}: {exc.strerror}") from None
 
 
 def serve(storage_url: str | None, host: str, port: int, artifacts: str | None) -> None:
-    """Serve until interrupted; refuses a busy port with a one-line fix."""
-    from optuna_dashboard import run_server
+    """Serve until interrupted; a busy port or a missing SQLite file is a one-line error."""
+    import optuna_dashboard
 
     url = resolve_url(storage_url)
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise TloptError(
+            f"no study storage at {path}: pass --storage with the URL the workers use, or "
+            "create a study first with 'tlopt study create --config FILE --stage head'"
+        )
     storage = open_storage(url)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise TloptError(
-                    f"port {port} on {host} is busy: pass --port with a free one "
-                    f"(e.g. --port {port + 1})"
-                ) from None
-            raise TloptError(f"cannot bind {host}:{port}: {exc.strerror}") from None
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if artifacts:
+        store: Any = artifact_store(artifacts)
+    else:
+        folders = artifact_folders(storage, url)
+        store = artifact_store(folders[0]) if len(folders) == 1 else FolderChain(folders)
+    server = _bind(host, port, optuna_dashboard.wsgi(storage, artifact_store=store))
+    if host not in LOCAL_HOSTS:
         log.warning(
             "dashboard bound to %s: anyone who can reach this address sees the studies", host
         )
-    store = artifact_store(artifacts or default_artifact_dir(url))
-    log.info("optuna-dashboard for %s on http://%s:%d/", mask_url(url), host, port)
-    run_server(storage, host=host, port=port, artifact_store=store)
+    shown = f"[{host}]" if ":" in host else host
+    log.info(
+        "optuna-dashboard for %s on http://%s:%d/ (Ctrl-C stops it)", mask_url(url), shown, port
+    )
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

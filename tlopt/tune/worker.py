@@ -28,6 +28,7 @@ from tlopt.config import StudyConfig
 from tlopt.errors import TloptError
 from tlopt.tune.context import ATTR, StudyContext
 from tlopt.tune.objective import objective
+from tlopt.tune.pruners import make_pruner
 from tlopt.tune.resilience import heartbeat, retrying
 from tlopt.tune.storage import budget_lock, mask_url, open_storage, resolve_url
 from tlopt.tune.study import load
@@ -72,7 +73,18 @@ def work(
         config.storage.grace_period,
         config.storage.max_retry,
     )
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    # Optuna stores neither sampler nor pruner: every worker builds them from the config.
+    # Each worker seeds its sampler differently, or concurrent workers would propose the same
+    # parameters; the sampled sequence is therefore reproducible only within one worker.
+    pruner = config.pruner
+    study = optuna.load_study(
+        study_name=study_name,
+        storage=storage,
+        sampler=optuna.samplers.TPESampler(seed=(config.seed * 1_000_003 + os.getpid()) % 2**32),
+        pruner=make_pruner(
+            pruner.type, pruner.n_startup_trials, pruner.n_warmup_steps, pruner.options
+        ),
+    )
     budget = n_trials or config.n_trials
     timeout = timeout if timeout is not None else (config.timeout or None)
     ctx = StudyContext(study, device, progress=True)
@@ -199,6 +211,32 @@ def parse_gpus(gpus: str | None) -> list[str]:
     return ids
 
 
+def slot_devices(
+    gpus: list[str], per_gpu: int, processes: int, visible: str = ""
+) -> list[str | None]:
+    """The ``CUDA_VISIBLE_DEVICES`` of each worker slot (None: a CPU slot).
+
+    GPU ids are indices into the devices this process sees, as torch numbers them; under a
+    scheduler that already set ``CUDA_VISIBLE_DEVICES`` (Slurm: "2,3"), index 0 is device "2".
+
+    Example:
+        >>> slot_devices(["0", "1"], per_gpu=2, processes=1, visible="2,3")
+        ['2', '2', '3', '3']
+    """
+    if not gpus:
+        return [None] * processes
+    devices = [v.strip() for v in visible.split(",") if v.strip()]
+    slots: list[str | None] = []
+    for gpu in gpus:
+        if devices and int(gpu) >= len(devices):
+            raise TloptError(
+                f"--gpus {gpu}: only {len(devices)} GPUs are visible (CUDA_VISIBLE_DEVICES="
+                f"{visible}); use ids 0..{len(devices) - 1}"
+            )
+        slots += [devices[int(gpu)] if devices else gpu] * per_gpu
+    return slots
+
+
 def supervise(
     study_name: str,
     storage_url: str | None,
@@ -217,15 +255,16 @@ def supervise(
     """
     url = resolve_url(storage_url)
     load(study_name, url)  # fail fast, in one line, on a wrong name or storage
-    slots = [g for g in gpus for _ in range(per_gpu)] if gpus else [None] * processes
-    base = [sys.executable, "-m", "tlopt", "worker", "--study", study_name, "--storage", url]
+    slots = slot_devices(gpus, per_gpu, processes, os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    # The URL travels in the environment, not argv: `ps` would show its password.
+    base = [sys.executable, "-m", "tlopt", "worker", "--study", study_name]
     if n_trials:
         base += ["--n-trials", str(n_trials)]
     if timeout:
         base += ["--timeout", str(timeout)]
 
     def start(gpu: str | None) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
+        env = {**os.environ, "TLOPT_STORAGE": url}
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
             return subprocess.Popen(base + ["--device", "cuda"], env=env)
