@@ -204,3 +204,21 @@ def test_gpu_slots_are_pinned_per_process() -> None:
     assert parse_gpus("0, 1") == ["0", "1"] and parse_gpus(None) == []
     with pytest.raises(TloptError, match="comma-separated"):
         parse_gpus("first")
+
+
+def test_supervisor_restarts_a_slot_whose_process_dies(
+    sqlite_storage_url: str, tmp_path: Path
+) -> None:
+    name = _fine_tuning_study(sqlite_storage_url, tmp_path, n_trials=3, epochs=6)
+    proc = start_worker(name, sqlite_storage_url, "--processes", "2")
+    wait_until(
+        lambda: states(name, sqlite_storage_url).get(TrialState.RUNNING, 0) >= 1, 300, "a trial"
+    )
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    victim = int(children.stdout.split()[0])
+    os.kill(victim, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    assert "died with -9; restarting" in output
+    counts = states(name, sqlite_storage_url)
+    assert finished(counts) == 3 and counts.get(TrialState.RUNNING, 0) == 0, counts

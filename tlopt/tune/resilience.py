@@ -34,13 +34,66 @@ def _reason(exc: BaseException) -> str:
     return (text[0] if text else type(cause).__name__)[:160]
 
 
+# Words in the driver's message of errors that pass: the server restarts, the network drops,
+# another writer holds the lock. Anything else (a read-only file, a wrong password, a missing
+# database, a full disk) will not pass by waiting, and is reported at once.
+_PASSING = (
+    "connection",
+    "connect to server",
+    "server closed",
+    "terminating",
+    "shutting down",
+    "starting up",
+    "database is locked",
+    "timeout",
+    "timed out",
+    "ssl syscall",
+    "broken pipe",
+    "recovery mode",
+    "could not receive",
+    "could not send",
+    "no route to host",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth retrying (see ``_PASSING``)."""
+    if not isinstance(exc, TRANSIENT):
+        return False
+    text = f"{exc} {exc.__cause__ or ''} {getattr(exc.__cause__, 'orig', '')}".lower()
+    if any(
+        word in text
+        for word in (
+            "readonly",
+            "read-only",
+            "authentication",
+            "password",
+            "does not exist",
+            "permission denied",
+            "disk",
+        )
+    ):
+        return False
+    return any(word in text for word in _PASSING)
+
+
 def retrying(what: str, fn: Callable[[], T], patience: float = PATIENCE_SECONDS) -> T:
-    """Call ``fn``, retrying with backoff while the storage is unreachable."""
+    """Call ``fn``, retrying with backoff while the storage is unreachable.
+
+    Raises:
+        StorageError: a storage error that waiting does not cure, or one that outlasted
+            ``patience`` seconds.
+    """
     began, delay = time.monotonic(), 0.5
     while True:
         try:
             return fn()
         except TRANSIENT as exc:
+            if not is_transient(exc):
+                raise StorageError(
+                    f"the storage refused {what}: {_reason(exc)}; check the database "
+                    "(permissions, free disk space, credentials)"
+                ) from None
             if time.monotonic() - began > patience:
                 raise StorageError(
                     f"the storage was unreachable for {patience:.0f} s while {what} "
