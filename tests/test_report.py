@@ -90,6 +90,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_report_has_every_section_image_and_the_stage_table(
     stage_studies: tuple[str, list[str], Path], tmp_path: Path
 ) -> None:
@@ -163,6 +164,7 @@ def test_report_says_why_a_figure_is_missing(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "plain-history.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_report_refuses_a_folder_that_is_not_an_export(
     stage_studies: tuple[str, list[str], Path], tmp_path: Path
 ) -> None:
@@ -178,6 +180,7 @@ def test_report_refuses_a_folder_that_is_not_an_export(
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_every_complete_trial_has_its_curves_and_a_note(
     stage_studies: tuple[str, list[str], Path],
 ) -> None:

@@ -6,6 +6,7 @@ model so that each trial takes about a second.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys

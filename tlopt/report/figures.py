@@ -49,7 +49,10 @@ class Unavailable(Exception):
 @contextlib.contextmanager
 def style() -> Iterator[None]:
     """One look for every figure (Optuna's plots switch to ggplot globally; keep it local)."""
-    with plt.style.context("ggplot"), plt.rc_context({"figure.dpi": 100, "font.size": 10}):
+    with (
+        plt.style.context("ggplot"),
+        plt.rc_context({"figure.dpi": 100, "font.size": 10, "axes.formatter.useoffset": False}),
+    ):
         yield
 
 

@@ -34,13 +34,16 @@ def curves_figure(history: Sequence[dict[str, Any]], title: str) -> plt.Figure:
     """Loss, accuracy (%) and learning rate per epoch, train and validation, side by side."""
     epochs = [h["epoch"] for h in history]
     # 8.4 x 2.6 in at 90 dpi: about 760 x 230 px, legible as a dashboard thumbnail and full size.
-    fig, axes = plt.subplots(1, 3, figsize=(8.4, 2.6), dpi=90, layout="constrained")
+    # A fixed layout and fixed legend corners: constrained layout and loc="best" would triple
+    # the cost (about 0.1 s here instead of 0.3 s per trial).
+    fig, axes = plt.subplots(1, 3, figsize=(8.4, 2.6), dpi=90)
+    fig.subplots_adjust(left=0.075, right=0.99, bottom=0.18, top=0.8, wspace=0.4)
     panels = (
-        ("loss", ("train_loss", "val_loss"), "cross-entropy (nats)", 1.0),
-        ("accuracy", ("train_accuracy", "val_accuracy"), "accuracy (%)", 100.0),
-        ("learning rate", ("lr",), "learning rate", 1.0),
+        ("loss", ("train_loss", "val_loss"), "cross-entropy (nats)", 1.0, "upper right"),
+        ("accuracy", ("train_accuracy", "val_accuracy"), "accuracy (%)", 100.0, "lower right"),
+        ("learning rate", ("lr",), "learning rate", 1.0, ""),
     )
-    for ax, (name, keys, ylabel, scale) in zip(axes, panels, strict=True):
+    for ax, (name, keys, ylabel, scale, corner) in zip(axes, panels, strict=True):
         for key, colour in zip(keys, ("#1f77b4", "#d62728"), strict=False):
             values = [_finite(h[key]) * scale for h in history]
             ax.plot(epochs, values, marker="o", markersize=3, color=colour, label=key.split("_")[0])
@@ -49,7 +52,7 @@ def curves_figure(history: Sequence[dict[str, Any]], title: str) -> plt.Figure:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if len(keys) > 1:
-            ax.legend(fontsize=8, loc="best")
+            ax.legend(fontsize=8, loc=corner)
     axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     fig.suptitle(title, fontsize=11)
     return fig

@@ -29,19 +29,47 @@ DEFAULT_URL = "sqlite:///studies/tlopt.db"
 # around `ask`), which these notices warn about; the features are the ones Optuna documents.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-_PASSWORD = re.compile(r"(?<=://)([^:/@]+):([^@]*)@")
+# user:password@ after the scheme. The password runs to the *last* '@': users paste passwords
+# with '@' or '/' in them unencoded, and masking too much is harmless where too little is not.
+_PASSWORD = re.compile(r"(?<=://)([^:/@]*):(.*)@")
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for every output and log)."""
+    """The URL with its password replaced by ``***`` (for every output and log).
+
+    Example:
+        >>> mask_url("postgresql://me:p@ss/word@db.example:5432/tlopt")
+        'postgresql://me:***@db.example:5432/tlopt'
+    """
     return _PASSWORD.sub(r"\1:***@", url)
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` (a driver's message about ``url``) without any piece of the URL's password.
+
+    An unencoded '@' or '/' in a password makes the driver read part of it as the host
+    ("failed to resolve host 'ret@db'"), so the pieces are hidden too, not only the whole.
+    """
+    found = _PASSWORD.search(url)
+    text = mask_url(text)
+    if found and found.group(2):
+        secret = found.group(2)
+        for piece in sorted({secret, *re.split(r"[@/:?#]", secret)}, key=len, reverse=True):
+            if len(piece) >= 2:
+                text = text.replace(piece, "***")
+    return text
 
 
 def resolve_url(url: str | None = None, config_url: str = "") -> str:
     """``--storage`` over ``TLOPT_STORAGE`` over the study file over the default SQLite file."""
     url = url or os.environ.get("TLOPT_STORAGE") or config_url or DEFAULT_URL
+    if "\x00" in url:
+        raise StorageError(f"storage URL {mask_url(url)!r} contains a NUL character")
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        path = Path(url[len("sqlite:///") :]).expanduser().resolve()
+        try:
+            path = Path(url[len("sqlite:///") :]).expanduser().resolve()
+        except RuntimeError:  # '~someone/...' for a user this machine does not know
+            raise StorageError(f"storage {url}: cannot expand '~' (no such user)") from None
         url = f"sqlite:///{path}"
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
@@ -53,18 +81,27 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def open_storage(
-    url: str, heartbeat_interval: int = 30, grace_period: int = 90, max_retry: int = 3
+    url: str,
+    heartbeat_interval: int = 30,
+    grace_period: int = 90,
+    max_retry: int = 3,
+    writable: bool = True,
 ) -> RDBStorage:
     """An RDB storage with heartbeats, retries and connection health checks.
 
+    ``writable=False`` is for commands that only read (list, show, export): they work on a
+    SQLite file the user may not write.
+
     Raises:
-        StorageError: the database cannot be reached or opened (the message hides passwords).
+        StorageError: the database cannot be reached or opened, or (``writable``) a SQLite
+            file or its folder is read-only (the message hides passwords).
     """
     engine_kwargs: dict[str, object] = {}
     path = sqlite_path(url)
     if path is not None:
-        if not path.parent.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True)
+        _sqlite_folder(path)
+        if writable:
+            check_writable_sqlite(path)
         _sqlite_wal(path)
         # Several local workers write the same file: wait for the lock instead of failing.
         engine_kwargs["connect_args"] = {"timeout": 60}
@@ -84,10 +121,54 @@ def open_storage(
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         first = reason[0] if reason else type(exc).__name__
+        found = _PASSWORD.search(url)
+        encode = (
+            " (write '@', '/', ':' in a password as %40, %2F, %3A)"
+            if found and re.search(r"[@/:]", found.group(2))
+            else ""
+        )
         raise StorageError(
-            f"cannot open storage {mask_url(url)}: {mask_url(first)[:200]}; check the URL, "
-            "that the server runs and the database exists"
+            f"cannot open storage {mask_url(url)}: {_scrub(first, url)[:200]}; check the URL"
+            f"{encode}, that the server runs and the database exists"
         ) from None
+
+
+def _sqlite_folder(path: Path) -> None:
+    """Create the SQLite file's folder, or say in one line why it cannot be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create the folder of SQLite file '{path}': "
+            f"{(exc.strerror or str(exc)).lower()}; pass --storage sqlite:///WRITABLE/PATH.db"
+        ) from None
+
+
+def _read_only_reason(path: Path) -> str | None:
+    """Why SQLite cannot write ``path`` (it also writes ``-wal``/``-shm`` files beside it)."""
+    if path.exists() and not os.access(path, os.W_OK):
+        return "the file is read-only"
+    if not os.access(path.parent, os.W_OK):
+        return f"its folder '{path.parent}' is read-only"
+    for side in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if side.exists() and not os.access(side, os.W_OK):
+            return f"'{side.name}' beside it is read-only"
+    return None
+
+
+def check_writable_sqlite(path: Path) -> None:
+    """Raise StorageError in one line when the SQLite file at ``path`` cannot be written.
+
+    ``os.access`` asks the kernel, so a read-only mount and an immutable file (``chattr +i``)
+    count even for root. Without this check the first write fails deep inside a worker.
+    """
+    reason = _read_only_reason(path)
+    if reason is not None:
+        raise StorageError(
+            f"cannot write the SQLite storage '{path}': {reason}; make it writable (file and "
+            "folder: SQLite writes '-wal' and '-shm' files beside it) or pass --storage "
+            "sqlite:///OTHER.db"
+        )
 
 
 def _sqlite_wal(path: Path) -> None:
@@ -96,8 +177,10 @@ def _sqlite_wal(path: Path) -> None:
         with contextlib.closing(sqlite3.connect(path, timeout=60)) as con:
             con.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error as exc:
+        reason = _read_only_reason(path)
+        hint = f" ({reason})" if reason else ""
         raise StorageError(
-            f"cannot open SQLite file '{path}': {exc}; check the path and its permissions"
+            f"cannot open SQLite file '{path}': {exc}{hint}; check the path and its permissions"
         ) from None
 
 
@@ -108,8 +191,36 @@ def default_artifact_dir(url: str) -> Path:
 
 
 def artifact_store(path: str | Path) -> FileSystemArtifactStore:
-    Path(path).mkdir(parents=True, exist_ok=True)
+    """The artifact folder as an Optuna store; StorageError in one line if it cannot be made."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create the artifact folder '{path}': {(exc.strerror or str(exc)).lower()}; "
+            "set storage.artifacts in the study file to a writable folder"
+        ) from None
     return FileSystemArtifactStore(str(path))
+
+
+def check_artifact_dir(path: str | Path) -> None:
+    """Create the artifact folder and write a probe file in it, or raise StorageError.
+
+    ``study create`` calls this before it creates anything, so that a study never exists whose
+    trials could not save their weights.
+    """
+    artifact_store(path)
+    probe = Path(path) / f".tlopt-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"tlopt")
+    except OSError as exc:
+        raise StorageError(
+            f"cannot write in the artifact folder '{path}': "
+            f"{(exc.strerror or str(exc)).lower()}; free space there or set storage.artifacts "
+            "in the study file to a writable folder"
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 @contextlib.contextmanager
