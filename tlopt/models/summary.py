@@ -69,8 +69,7 @@ def summary_text(model: nn.Module, name: str, image_size: int = 224) -> str:
         elif stage.frozen_groups == 0:
             frozen = "nothing" + (" (random init)" if not stage.pretrained else "")
         else:
-            frozen = "stem" + (
-                f" + groups 1..{stage.frozen_groups - 1}" if stage.frozen_groups > 1 else ""
-            )
+            n = stage.frozen_groups - 1
+            frozen = "stem" + ("" if n == 0 else " + group 1" if n == 1 else f" + groups 1..{n}")
         lines.append(f"{stage_name:<10}{frozen:<34}{plan.trainable_params:>18,}")
     return "\n".join(lines)

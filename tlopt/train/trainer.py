@@ -27,6 +27,10 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 CACHE_LIMIT_BYTES = 4 * 2**30
 
 
+class Interrupted(RuntimeError):
+    """``should_stop`` said to stop (the worker got SIGTERM or SIGINT)."""
+
+
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite (the learning rate is usually too high)."""
 
@@ -179,6 +183,7 @@ def fit(
     on_epoch: Callable[[EpochRecord, Callable[[], dict[str, Any]]], None] | None = None,
     resume: dict[str, Any] | None = None,
     cache: dict[str, Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Train the trainable part of ``model`` and keep the weights of the best validation epoch.
 
@@ -191,6 +196,7 @@ def fit(
             checkpoint (for ``resume``); it may raise to stop training.
         resume: a checkpoint from ``on_epoch`` to continue from.
         cache: a dict kept by the caller to reuse frozen-prefix outputs across runs.
+        should_stop: checked before every batch; when it returns True, ``Interrupted``.
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite.
@@ -240,6 +246,8 @@ def fit(
         order = torch.randperm(n, generator=generator, device=device)
         loss_sum, correct = 0.0, 0
         for start in range(0, n, params.batch_size):
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped in epoch {epoch + 1}")
             index = order[start : start + params.batch_size]
             flip = None
             if params.flip:

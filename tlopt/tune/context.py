@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ class StudyContext:
         probe = create_backbone(self.config.model.backbone, "none", len(self.classes))
         self.mean, self.std = normalization(probe)
         self.sets: dict[str, ImageSet] = {}
+        self.should_stop: Callable[[], bool] | None = None  # set by the worker
         self.prefix_cache: dict[str, Any] = {}
 
     def split(self, name: str) -> ImageSet:

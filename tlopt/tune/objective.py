@@ -87,6 +87,7 @@ def train_trial(
             on_epoch=on_epoch,
             cache=ctx.prefix_cache,
             resume=resume,
+            should_stop=ctx.should_stop,
         )
     except NonFiniteLoss as exc:
         _set_history(trial, history)

@@ -15,6 +15,7 @@ import sqlite3
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import optuna
 import sqlalchemy
@@ -190,7 +191,33 @@ def default_artifact_dir(url: str) -> Path:
     return (path.parent if path else Path("studies")).resolve() / "artifacts"
 
 
-def artifact_store(path: str | Path) -> FileSystemArtifactStore:
+class ArtifactStore(FileSystemArtifactStore):
+    """Optuna's file-system artifact store, with failed writes as one-line StorageErrors.
+
+    A full disk or a folder turned read-only fails every trial the same way; as a
+    :class:`StorageError` it stops the worker with one line (its trial is queued again),
+    instead of failing trial after trial. A partly written file is removed.
+    """
+
+    def __init__(self, base_path: str) -> None:
+        super().__init__(base_path)
+        self.base_path = base_path
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        try:
+            super().write(artifact_id, content_body)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                (Path(self.base_path) / artifact_id).unlink()
+            raise StorageError(
+                f"cannot write an artifact in '{self.base_path}': "
+                f"{(exc.strerror or str(exc)).lower()}; free space there or set "
+                "storage.artifacts to another folder, then run the worker again (the trial "
+                "is queued again)"
+            ) from None
+
+
+def artifact_store(path: str | Path) -> ArtifactStore:
     """The artifact folder as an Optuna store; StorageError in one line if it cannot be made."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -199,7 +226,7 @@ def artifact_store(path: str | Path) -> FileSystemArtifactStore:
             f"cannot create the artifact folder '{path}': {(exc.strerror or str(exc)).lower()}; "
             "set storage.artifacts in the study file to a writable folder"
         ) from None
-    return FileSystemArtifactStore(str(path))
+    return ArtifactStore(str(path))
 
 
 def check_artifact_dir(path: str | Path) -> None:

@@ -6,6 +6,7 @@ A study is a plain Optuna study; tlopt's facts about it live in its user attribu
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -15,13 +16,14 @@ from optuna.trial import TrialState
 
 import tlopt
 from tlopt.config import StudyConfig
-from tlopt.errors import StudyError
+from tlopt.errors import ConfigError, StorageError, StudyError, TloptError
 from tlopt.models.backbones import create_backbone
-from tlopt.models.stages import StagePlan, apply_stage, parse_stage
+from tlopt.models.stages import Stage, StagePlan, apply_stage, parse_stage
 from tlopt.tune.context import ATTR, open_config_source
 from tlopt.tune.pruners import make_pruner
 from tlopt.tune.space import space_size
 from tlopt.tune.storage import (
+    check_artifact_dir,
     default_artifact_dir,
     mask_url,
     open_storage,
@@ -30,6 +32,9 @@ from tlopt.tune.storage import (
 )
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# The study keeps the list of unreadable files for its data report; a folder with more than
+# this many keeps the first ones and the count (the list is one JSON attribute in the database).
+MAX_SKIPPED_LISTED = 1000
 
 
 @dataclass
@@ -66,7 +71,7 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
 def load(name: str, storage_url: str | None = None) -> optuna.Study:
     """Load a tlopt study by name; StudyError lists the existing ones when it is missing."""
     url = resolve_url(storage_url)
-    storage = open_storage(url)
+    storage = open_storage(url, writable=False)
     names = study_names(storage)
     if name not in names:
         listing = ", ".join(names[:10]) if names else "none"
@@ -85,7 +90,7 @@ def create(
     dry_run: bool = False,
 ) -> CreatePlan:
     """Create the study of ``stage_name`` for ``config``; fine-tuning stages chain to ``head``."""
-    stage = parse_stage(stage_name)
+    stage = _parse_stage(stage_name)
     url = resolve_url(storage_url, config.storage.url)
     name = name or f"{config.name}/{stage.name}"
     source = open_config_source(config)
@@ -137,8 +142,8 @@ def create(
     if name in existing:
         study = optuna.load_study(study_name=name, storage=storage)
         old = study.user_attrs.get(ATTR + "config")
-        if old is not None and old != config.to_dict():
-            diff = _diff(old, config.to_dict())
+        if old is not None and _masked(old) != snapshot(config):
+            diff = _diff(_masked(old), snapshot(config))
             raise StudyError(
                 f"study '{name}' exists with another config ({diff}): pass --name NEW to create "
                 f"a new study, or 'tlopt study delete {name}' first"
@@ -150,35 +155,93 @@ def create(
     if dry_run:
         return result
     artifacts = config.storage.artifacts or str(default_artifact_dir(url))
-    pruner = config.pruner
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=config.seed),
-        pruner=make_pruner(
-            pruner.type, pruner.n_startup_trials, pruner.n_warmup_steps, pruner.options
-        ),
-    )
-    try:
-        attrs = {
-            "config": config.to_dict(),
-            "stage": stage.name,
-            "classes": classes,
-            "counts": counts,
-            "fingerprint": source.fingerprint,
-            "skipped": len(source.skipped),
-            "artifacts": artifacts,
-            "head": head,
-            "version": tlopt.__version__,
-        }
-        for key, value in attrs.items():
-            study.set_user_attr(ATTR + key, value)
-    except Exception:
-        optuna.delete_study(study_name=name, storage=storage)  # never leave half a study
-        raise
+    # Before anything is created: a study whose trials cannot save their weights is no use.
+    check_artifact_dir(artifacts)
+    attrs = {
+        "config": snapshot(config),
+        "stage": stage.name,
+        "classes": classes,
+        "counts": counts,
+        "fingerprint": source.fingerprint,
+        "skipped": len(source.skipped),
+        "skipped_files": [list(row) for row in source.skipped[:MAX_SKIPPED_LISTED]],
+        "artifacts": artifacts,
+        "head": head,
+        "version": tlopt.__version__,
+    }
+    _create_whole(storage, name, config, attrs, mask_url(url))
     result.created = True
     return result
+
+
+def _parse_stage(name: str) -> Stage:
+    """``parse_stage`` with every failure as a ConfigError ("freeze" + 5,000 digits included)."""
+    try:
+        return parse_stage(name)
+    except ValueError:  # int() refuses more than 4,300 digits
+        raise ConfigError(
+            f"unknown stage '{name[:20]}...': the freeze count is too large"
+        ) from None
+
+
+def snapshot(config: StudyConfig) -> dict[str, Any]:
+    """The config as the study stores it: JSON, with any password in the storage URL masked.
+
+    Workers get the storage URL from their own command line or environment, never from the
+    snapshot, and study attributes are shown by ``optuna-dashboard`` to anyone who opens it.
+    """
+    return _masked(config.to_dict())
+
+
+def _masked(raw: dict[str, Any]) -> dict[str, Any]:
+    storage = raw.get("storage")
+    if isinstance(storage, dict) and isinstance(storage.get("url"), str):
+        return {**raw, "storage": {**storage, "url": mask_url(storage["url"])}}
+    return raw
+
+
+def _create_whole(
+    storage: optuna.storages.RDBStorage,
+    name: str,
+    config: StudyConfig,
+    attrs: dict[str, Any],
+    where: str,
+) -> None:
+    """Create the study with all its attributes, or leave nothing behind and say why."""
+    pruner = config.pruner
+    created = False
+    try:
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            direction="minimize",
+            sampler=optuna.samplers.TPESampler(seed=config.seed),
+            pruner=make_pruner(
+                pruner.type, pruner.n_startup_trials, pruner.n_warmup_steps, pruner.options
+            ),
+        )
+        created = True
+        for key, value in attrs.items():
+            study.set_user_attr(ATTR + key, value)
+    except optuna.exceptions.DuplicatedStudyError:
+        # Another 'study create' won the race between our check and the insert: it is theirs.
+        raise StudyError(
+            f"study '{name}' was created by another process just now: run "
+            f"'tlopt worker --study {name}', or pass --name NEW"
+        ) from None
+    except TloptError:
+        raise
+    except Exception as exc:
+        if created:  # never leave half a study
+            with contextlib.suppress(Exception):
+                optuna.delete_study(study_name=name, storage=storage)
+        cause = exc.__cause__ or exc
+        reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()
+        first = mask_url(reason[0] if reason else type(cause).__name__)[:200]
+        raise StorageError(
+            f"cannot create study '{name}' in {where}: {first}; check that the storage is "
+            "writable and has free space"
+        ) from None
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
@@ -196,7 +259,7 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
 
 def list_studies(storage_url: str | None = None) -> list[dict[str, Any]]:
     """One row per study: name, stage, trials by state, best value."""
-    storage = open_storage(resolve_url(storage_url))
+    storage = open_storage(resolve_url(storage_url), writable=False)
     rows = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=True):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -243,5 +306,6 @@ def show(name: str, storage_url: str | None = None) -> dict[str, Any]:
 
 
 def delete(name: str, storage_url: str | None = None) -> None:
-    study = load(name, storage_url)
-    optuna.delete_study(study_name=name, storage=study._storage)
+    """Delete a study and its trials; its artifact files stay on disk."""
+    load(name, storage_url)  # a missing study: the error lists the existing ones
+    optuna.delete_study(study_name=name, storage=open_storage(resolve_url(storage_url)))

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
@@ -26,6 +27,7 @@ from optuna.trial import TrialState
 
 from tlopt.config import StudyConfig
 from tlopt.errors import TloptError
+from tlopt.train.trainer import Interrupted
 from tlopt.tune.context import ATTR, StudyContext
 from tlopt.tune.objective import objective
 from tlopt.tune.pruners import make_pruner
@@ -49,11 +51,19 @@ class _Stop(Exception):
     """SIGTERM or SIGINT: finish cleanly."""
 
 
-def _raise_stop(signum: int, _frame: FrameType | None) -> None:
-    # Only the first signal interrupts: the second must not break the clean-up of the first.
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
-    raise _Stop(signal.Signals(signum).name)
+# Set by SIGTERM/SIGINT. The handler only sets it: raising from a signal handler could cut a
+# storage transaction in half and leave its lock held. The trainer checks it every batch.
+STOP = threading.Event()
+
+
+def _request_stop(signum: int, _frame: FrameType | None) -> None:
+    if not STOP.is_set():
+        log.warning(
+            "worker %d got %s: stopping after the current batch",
+            os.getpid(),
+            signal.Signals(signum).name,
+        )
+    STOP.set()
 
 
 def work(
@@ -98,9 +108,13 @@ def work(
     )
     summary = WorkerSummary()
     began = time.monotonic()
-    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    STOP.clear()
+    ctx.should_stop = STOP.is_set
+    previous = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while timeout is None or time.monotonic() - began < timeout:
+            if STOP.is_set():
+                raise _Stop("signal")
             trial, finished = retrying(
                 "asking for a trial", lambda: _next_trial(study, storage, study_name, budget)
             )
@@ -162,9 +176,9 @@ def _run(
         log.info("trial %d pruned: %s", trial.number, pruned)
         _tell(study, trial, None, TrialState.PRUNED)
         return TrialState.PRUNED
-    except (_Stop, KeyboardInterrupt):
+    except (Interrupted, KeyboardInterrupt):
         _fail_and_requeue(study, trial, "worker stopped", config.storage.max_retry)
-        raise
+        raise _Stop("signal") from None
     except TloptError:
         _fail_and_requeue(study, trial, "user error", config.storage.max_retry)
         raise
