@@ -6,7 +6,6 @@ the head weights to start from, so a worker needs only the storage URL and the s
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -133,7 +132,3 @@ class StudyContext:
                 artifact_store=self.artifacts, file_path=str(path), artifact_id=artifact_id
             )
             return load_file(str(path))
-
-
-def params_json(params: Any) -> str:
-    return json.dumps(params, sort_keys=True, default=str)
