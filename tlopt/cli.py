@@ -185,6 +185,12 @@ def study_show(name: str, storage: StorageOpt = None, as_json: JsonOpt = False) 
         f"study {name}: stage {attrs.get('stage')}, {len(attrs.get('classes', []))} "
         f"classes, data {str(attrs.get('fingerprint'))[:12]}"
     )
+    if attrs.get("skipped"):
+        typer.echo(f"{attrs['skipped']} unreadable files skipped:")
+        for key, reason in attrs.get("skipped_files", []):
+            typer.echo(f"  {key}: {reason}")
+        if attrs["skipped"] > len(attrs.get("skipped_files", [])):
+            typer.echo("  ...")
     typer.echo(
         _table(
             info["trials"],

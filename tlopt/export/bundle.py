@@ -62,6 +62,8 @@ FILES = (
 
 
 def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise TloptError(f"--out '{out}' is a file: pass a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise TloptError(
             f"output folder '{out}' is not empty: choose another --out, or pass --force to "

@@ -41,7 +41,10 @@ class WeightsSpec:
         if spec in ("pretrained", "bundled", "none"):
             return cls(spec)
         if spec.startswith("file:") and len(spec) > 5:
-            return cls("file", Path(spec[5:]).expanduser())
+            try:
+                return cls("file", Path(spec[5:]).expanduser())
+            except RuntimeError:  # '~nouser/...'
+                raise ModelError(f"weights '{spec}': cannot expand '~' (no such user)") from None
         raise ModelError(
             f"weights '{spec}' is not valid: use 'pretrained', 'bundled', 'none' or 'file:PATH'"
         )
@@ -81,8 +84,9 @@ def create_backbone(
     check_model_name(name)
     spec = WeightsSpec.parse(weights)
     if spec.kind == "pretrained":
-        return _create_pretrained(name, num_classes, drop_rate)
+        return _reset_head(_create_pretrained(name, num_classes, drop_rate))
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    _reset_head(model)
     if spec.kind == "bundled":
         if name != BUNDLED_ARCH:
             raise ModelError(
@@ -93,6 +97,19 @@ def create_backbone(
     elif spec.kind == "file":
         assert spec.path is not None
         _load_backbone_state(model, read_state_dict(spec.path), source=str(spec.path))
+    return model
+
+
+def _reset_head(model: nn.Module) -> nn.Module:
+    """Give the new classifier PyTorch's default init, U(+-1/sqrt(fan_in)).
+
+    timm initialises EfficientNet and MobileNet classifiers with U(+-1/sqrt(fan_out)): for
+    two classes that is +-0.7 on 1,280 features, logits near 6 and a starting loss near 3
+    instead of ln 2, which slow heads trained at the small learning rates of the seeds.
+    """
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        head.reset_parameters()
     return model
 
 

@@ -45,7 +45,7 @@ def parse_stage(name: str) -> Stage:
         return Stage("full", 0)
     if name == "scratch":
         return Stage("scratch", 0, pretrained=False, from_head=False)
-    match = re.fullmatch(r"freeze([0-9]+)", name)
+    match = re.fullmatch(r"freeze([0-9]{1,4})", name)
     if match:
         # freezeN freezes the stem and the first N block groups: N + 1 groups.
         return Stage(name, int(match.group(1)) + 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
@@ -17,11 +17,7 @@ from optuna.trial import TrialState
 import tlopt
 from tlopt.config import StudyConfig
 from tlopt.errors import ConfigError, StorageError, StudyError, TloptError
-from tlopt.models.backbones import create_backbone
-from tlopt.models.stages import Stage, StagePlan, apply_stage, parse_stage
-from tlopt.tune.context import ATTR, open_config_source
 from tlopt.tune.pruners import make_pruner
-from tlopt.tune.space import space_size
 from tlopt.tune.storage import (
     check_artifact_dir,
     default_artifact_dir,
@@ -31,7 +27,13 @@ from tlopt.tune.storage import (
     study_names,
 )
 
+if TYPE_CHECKING:
+    from tlopt.models.stages import Stage
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# The prefix of tlopt's attributes, as in tlopt.tune.context (not imported from there: it
+# imports torch, which 'study list', 'show' and 'delete' do not need; they start 4 s sooner).
+ATTR = "tlopt."
 # The study keeps the list of unreadable files for its data report; a folder with more than
 # this many keeps the first ones and the count (the list is one JSON attribute in the database).
 MAX_SKIPPED_LISTED = 1000
@@ -90,6 +92,11 @@ def create(
     dry_run: bool = False,
 ) -> CreatePlan:
     """Create the study of ``stage_name`` for ``config``; fine-tuning stages chain to ``head``."""
+    from tlopt.models.backbones import create_backbone
+    from tlopt.models.stages import apply_stage
+    from tlopt.tune.context import open_config_source
+    from tlopt.tune.space import space_size
+
     stage = _parse_stage(stage_name)
     url = resolve_url(storage_url, config.storage.url)
     name = name or f"{config.name}/{stage.name}"
@@ -98,7 +105,7 @@ def create(
     counts = {split: sum(c.values()) for split, c in source.counts().items()}
     model = create_backbone(config.model.backbone, "none", len(classes))
     freeze = config.model.freeze_modules if stage.name != "head" else None
-    plan: StagePlan = apply_stage(model, stage, freeze_modules=freeze)
+    plan = apply_stage(model, stage, freeze_modules=freeze)
     storage = open_storage(
         url,
         config.storage.heartbeat_interval,
@@ -176,6 +183,8 @@ def create(
 
 def _parse_stage(name: str) -> Stage:
     """``parse_stage`` with every failure as a ConfigError ("freeze" + 5,000 digits included)."""
+    from tlopt.models.stages import parse_stage
+
     try:
         return parse_stage(name)
     except ValueError:  # int() refuses more than 4,300 digits

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 import optuna
+import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import fail_stale_trials
 from optuna.trial import TrialState
@@ -37,6 +38,7 @@ from tlopt.tune.study import load
 
 log = logging.getLogger("tlopt.worker")
 POLL_SECONDS = 2.0
+MAX_FAILURES_IN_A_ROW = 3
 
 
 @dataclass
@@ -107,6 +109,7 @@ def work(
         budget,
     )
     summary = WorkerSummary()
+    failures = 0  # failed trials do not count towards the budget: stop a loop of them
     began = time.monotonic()
     STOP.clear()
     ctx.should_stop = STOP.is_set
@@ -125,6 +128,13 @@ def work(
                 continue
             state = _run(study, storage, trial, ctx, config)
             summary.trials.append(trial.number)
+            failures = failures + 1 if state == TrialState.FAIL else 0
+            if failures >= MAX_FAILURES_IN_A_ROW:
+                reason = trial.user_attrs.get(ATTR + "error") or "see the log above"
+                raise TloptError(
+                    f"{failures} trials in a row failed (last: {reason}): fix it, then run "
+                    "the worker again"
+                )
             if state == TrialState.COMPLETE:
                 summary.complete += 1
             elif state == TrialState.PRUNED:
@@ -179,9 +189,19 @@ def _run(
     except (Interrupted, KeyboardInterrupt):
         _fail_and_requeue(study, trial, "worker stopped", config.storage.max_retry)
         raise _Stop("signal") from None
-    except TloptError:
-        _fail_and_requeue(study, trial, "user error", config.storage.max_retry)
+    except TloptError as exc:
+        _fail_and_requeue(study, trial, str(exc).splitlines()[0][:500], config.storage.max_retry)
         raise
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        reason = (
+            f"CUDA out of memory at batch size {trial.params.get('batch_size')}: lower "
+            "search.batch_size or data.image_size, or use fewer --per-gpu"
+        )
+        log.error("trial %d failed: %s", trial.number, reason)
+        retrying("recording a failure", lambda: trial.set_user_attr(ATTR + "error", reason))
+        _tell(study, trial, None, TrialState.FAIL)
+        return TrialState.FAIL
     except Exception as exc:  # a crashed trial must not kill the worker
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         log.error("trial %d failed: %s", trial.number, reason)
