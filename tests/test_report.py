@@ -207,7 +207,8 @@ def test_trial_artifacts_are_cheap_and_never_fail_the_trial(tmp_path: Path) -> N
         write_trial_artifacts(trial, ctx, history, params)  # type: ignore[arg-type]
         times.append(time.perf_counter() - began)
         study.tell(trial, 0.5)
-    assert min(times[1:]) < 0.3, times  # the first call pays for matplotlib's font cache
+    # A sanity bound, not a benchmark (about 0.15 s on an idle 2-core machine).
+    assert min(times[1:]) < 3.0, times  # the first call pays for matplotlib's font cache
     assert len(list((tmp_path / "artifacts").iterdir())) == 3
 
     broken = SimpleNamespace(artifacts=None, study_name="t")  # uploading raises
