@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -29,7 +30,9 @@ model_app = typer.Typer(no_args_is_help=True, help="Backbones and stages.")
 study_app = typer.Typer(no_args_is_help=True, help="Create, list, show and delete studies.")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
+storage_app = typer.Typer(no_args_is_help=True, help="Serve the study storage to many workers.")
 app.add_typer(study_app, name="study")
+app.add_typer(storage_app, name="storage")
 
 StorageOpt = Annotated[
     str | None,
@@ -298,6 +301,40 @@ def dashboard(
     serve(storage, host, port, artifacts)
 
 
+@storage_app.command("proxy")
+def storage_proxy(
+    storage: StorageOpt = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 for workers on other machines.")
+    ] = "127.0.0.1",
+    port: int = 13000,
+    grace_period: Annotated[
+        int, typer.Option(help="Seconds without a beat before a trial is failed and re-queued.")
+    ] = 90,
+    max_retry: Annotated[int, typer.Option(help="Re-runs of a trial whose worker died.")] = 3,
+) -> None:
+    """Run Optuna's gRPC storage proxy in front of the database; workers use grpc://HOST:PORT.
+
+    The proxy also keeps the heartbeats of the workers behind it and re-queues the trials of
+    dead workers (Optuna's proxy forwards neither).
+    """
+    from tlopt.tune.proxy import is_grpc, serve
+    from tlopt.tune.storage import mask_url, open_storage, resolve_url
+
+    url = resolve_url(storage)
+    if is_grpc(url):
+        raise TloptError("tlopt storage proxy --storage needs the database URL, not grpc://")
+    if grace_period < 2:
+        raise TloptError(f"--grace-period {grace_period}: use at least 2 seconds")
+    every = max(1, grace_period // 3)
+    db = open_storage(url, heartbeat_interval=every, grace_period=grace_period, max_retry=max_retry)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C
+    try:
+        serve(db, mask_url(url), host, port, every)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        typer.echo("storage proxy stopped")
+
+
 @app.command("report")
 def report(
     study: Annotated[
@@ -329,7 +366,7 @@ def main() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # tlopt prints its own progress
-    for noisy in ("timm", "httpx", "urllib3"):
+    for noisy in ("timm", "httpx", "urllib3", "botocore", "boto3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.showwarning = _warning_line  # type: ignore[assignment]
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -17,7 +17,6 @@ from typing import Any, BinaryIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from tlopt.errors import TloptError
@@ -25,6 +24,7 @@ from tlopt.tune.context import ATTR
 from tlopt.tune.storage import (
     artifact_store,
     default_artifact_dir,
+    is_s3,
     mask_url,
     open_storage,
     resolve_url,
@@ -48,14 +48,14 @@ class _QuietHandler(WSGIRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
 
-class FolderChain:
-    """Artifacts from several folders (studies with their own ``[storage] artifacts``).
+class StoreChain:
+    """Artifacts from several stores (studies with their own ``[storage] artifacts``).
 
-    Reads try each folder in turn; uploads from the dashboard go to the first one.
+    Reads try each folder or bucket in turn; uploads from the dashboard go to the first one.
     """
 
-    def __init__(self, folders: Sequence[Path]) -> None:
-        self.stores = [FileSystemArtifactStore(str(f)) for f in folders]
+    def __init__(self, locations: Sequence[str]) -> None:
+        self.stores = [artifact_store(location) for location in locations]
 
     def open_reader(self, artifact_id: str) -> BinaryIO:
         for store in self.stores:
@@ -80,17 +80,19 @@ class FolderChain:
             raise ArtifactNotFound(f"artifact {artifact_id} is in none of the artifact folders")
 
 
-def artifact_folders(storage: optuna.storages.BaseStorage, url: str) -> list[Path]:
-    """The artifact folders of every study in the storage, then the default folder."""
-    folders: list[Path] = []
+def artifact_locations(storage: optuna.storages.BaseStorage, url: str) -> list[str]:
+    """The artifact folders or buckets of every study in the storage, then the default folder."""
+    locations: list[str] = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        folder = summary.user_attrs.get(ATTR + "artifacts")
-        if folder and Path(folder).resolve() not in folders:
-            folders.append(Path(folder).resolve())
-    default = default_artifact_dir(url)
-    if default not in folders:
-        folders.append(default)
-    return folders
+        where = summary.user_attrs.get(ATTR + "artifacts")
+        if where:
+            where = where if is_s3(where) else str(Path(where).resolve())
+            if where not in locations:
+                locations.append(where)
+    default = str(default_artifact_dir(url))
+    if default not in locations:
+        locations.append(default)
+    return locations
 
 
 def _bind(host: str, port: int, app: Any) -> WSGIServer:
@@ -126,8 +128,8 @@ def serve(storage_url: str | None, host: str, port: int, artifacts: str | None) 
     if artifacts:
         store: Any = artifact_store(artifacts)
     else:
-        folders = artifact_folders(storage, url)
-        store = artifact_store(folders[0]) if len(folders) == 1 else FolderChain(folders)
+        locations = artifact_locations(storage, url)
+        store = artifact_store(locations[0]) if len(locations) == 1 else StoreChain(locations)
     server = _bind(host, port, optuna_dashboard.wsgi(storage, artifact_store=store))
     if host not in LOCAL_HOSTS:
         log.warning(

@@ -8,6 +8,7 @@ with a thread that survives failed beats, so a database restart costs a pause, n
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -16,14 +17,27 @@ from typing import TypeVar
 
 import sqlalchemy
 from optuna.exceptions import StorageInternalError
-from optuna.storages import RDBStorage
+from optuna.storages import BaseStorage
+from optuna.storages._heartbeat import BaseHeartbeat
 
 from tlopt.errors import StorageError
 
 log = logging.getLogger("tlopt.worker")
 T = TypeVar("T")
+BEAT = "tlopt:beat"  # the beat of a worker behind `tlopt storage proxy` (see tune/proxy.py)
 
-TRANSIENT = (StorageInternalError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+try:  # workers behind `tlopt storage proxy` see the proxy's errors as grpc.RpcError
+    import grpc
+
+    _GRPC: tuple[type[BaseException], ...] = (grpc.RpcError,)
+except ImportError:
+    _GRPC = ()
+TRANSIENT: tuple[type[BaseException], ...] = (
+    StorageInternalError,
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    *_GRPC,
+)
 # How long a worker keeps retrying before it gives up with a StorageError (seconds).
 PATIENCE_SECONDS = 600.0
 
@@ -60,6 +74,10 @@ def is_transient(exc: BaseException) -> bool:
     """Whether a storage error is worth retrying (see ``_PASSING``)."""
     if not isinstance(exc, TRANSIENT):
         return False
+    if _GRPC and isinstance(exc, _GRPC):  # the proxy restarts or the network drops
+        code = getattr(exc, "code", None)
+        passing = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return callable(code) and code() in passing
     text = f"{exc} {exc.__cause__ or ''} {getattr(exc.__cause__, 'orig', '')}".lower()
     if any(
         word in text
@@ -107,18 +125,30 @@ def retrying(what: str, fn: Callable[[], T], patience: float = PATIENCE_SECONDS)
 
 
 @contextlib.contextmanager
-def heartbeat(storage: RDBStorage, trial_id: int) -> Iterator[None]:
-    """Record the trial's heartbeat every interval until the block ends; failed beats retry."""
-    interval = storage.get_heartbeat_interval()
+def heartbeat(storage: BaseStorage, trial_id: int, interval: int | None) -> Iterator[None]:
+    """Record the trial's heartbeat every interval until the block ends; failed beats retry.
+
+    Behind ``tlopt storage proxy`` (no heartbeat API) the beat is a counter in the trial's
+    system attribute ``tlopt:beat``, which the proxy turns into a heartbeat.
+    """
+    if isinstance(storage, BaseHeartbeat):
+        interval = storage.get_heartbeat_interval()
     if interval is None:
         yield
         return
     stop = threading.Event()
+    beats = itertools.count()
+
+    def record() -> None:
+        if isinstance(storage, BaseHeartbeat):
+            storage.record_heartbeat(trial_id)
+        else:
+            storage.set_trial_system_attr(trial_id, BEAT, next(beats))
 
     def beat() -> None:
         while not stop.is_set():
             try:
-                storage.record_heartbeat(trial_id)
+                record()
             except TRANSIENT as exc:
                 log.warning("heartbeat of trial id %d missed (%s)", trial_id, _reason(exc))
             except Exception as exc:  # never let the beat thread die noisily

@@ -9,22 +9,25 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import os
 import re
 import sqlite3
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import optuna
 import sqlalchemy
 from optuna.artifacts import FileSystemArtifactStore
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from tlopt.errors import StorageError
+from tlopt.tune.proxy import is_grpc, open_proxy
 
 DEFAULT_URL = "sqlite:///studies/tlopt.db"
+T = TypeVar("T")
 
 # tlopt runs its own ask/tell loop with Optuna's heartbeat thread (it needs the budget lock
 # around `ask`), which these notices warn about; the features are the ones Optuna documents.
@@ -87,8 +90,10 @@ def open_storage(
     grace_period: int = 90,
     max_retry: int = 3,
     writable: bool = True,
-) -> RDBStorage:
+) -> BaseStorage:
     """An RDB storage with heartbeats, retries and connection health checks.
+
+    ``grpc://HOST:PORT`` gives a client of ``tlopt storage proxy`` instead (see tune/proxy.py).
 
     ``writable=False`` is for commands that only read (list, show, export): they work on a
     SQLite file the user may not write.
@@ -97,6 +102,8 @@ def open_storage(
         StorageError: the database cannot be reached or opened, or (``writable``) a SQLite
             file or its folder is read-only (the message hides passwords).
     """
+    if is_grpc(url):  # `tlopt storage proxy`: heartbeats and retries are the proxy's
+        return open_proxy(url)
     engine_kwargs: dict[str, object] = {}
     path = sqlite_path(url)
     if path is not None:
@@ -217,8 +224,70 @@ class ArtifactStore(FileSystemArtifactStore):
             ) from None
 
 
-def artifact_store(path: str | Path) -> ArtifactStore:
-    """The artifact folder as an Optuna store; StorageError in one line if it cannot be made."""
+def is_s3(location: str | Path) -> bool:
+    return str(location).startswith("s3://")
+
+
+class S3ArtifactStore:
+    """Optuna's ``Boto3ArtifactStore`` under ``s3://BUCKET/PREFIX``, for workers on many machines.
+
+    Any S3-compatible server works (AWS, MinIO, Ceph, ...): boto3 takes the endpoint and the
+    credentials from its usual places (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``~/.aws``),
+    so no secret is stored in the study. Failures other than a missing artifact become one-line
+    StorageErrors, as with a folder.
+    """
+
+    def __init__(self, location: str) -> None:
+        try:
+            import boto3
+            from optuna.artifacts import Boto3ArtifactStore
+        except ImportError:
+            raise StorageError(
+                f"artifact store {location} needs boto3: pip install 'tlopt[s3]'"
+            ) from None
+        bucket, _, prefix = location[len("s3://") :].partition("/")
+        if not bucket:
+            raise StorageError(f"artifact store {location!r} names no bucket: use s3://BUCKET/PATH")
+        self.location, self.prefix = location.rstrip("/"), prefix.strip("/")
+        self.store = Boto3ArtifactStore(bucket, client=boto3.client("s3"))
+
+    def _key(self, artifact_id: str) -> str:
+        return f"{self.prefix}/{artifact_id}" if self.prefix else artifact_id
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        from optuna.artifacts.exceptions import ArtifactNotFound
+
+        try:
+            return fn()
+        except ArtifactNotFound:
+            raise
+        except Exception as exc:  # botocore's ClientError, EndpointConnectionError, NoCredentials
+            reason = (
+                str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            )
+            raise StorageError(
+                f"cannot {what} in artifact store {self.location}: {reason}; check the bucket, "
+                "AWS_ENDPOINT_URL and the credentials (AWS_ACCESS_KEY_ID, ~/.aws)"
+            ) from None
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return self._call("read", lambda: self.store.open_reader(self._key(artifact_id)))
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self._call("write", lambda: self.store.write(self._key(artifact_id), content_body))
+
+    def remove(self, artifact_id: str) -> None:
+        self._call("remove", lambda: self.store.remove(self._key(artifact_id)))
+
+
+def artifact_store(path: str | Path) -> ArtifactStore | S3ArtifactStore:
+    """The artifact location as an Optuna store: a folder, or ``s3://BUCKET/PREFIX``.
+
+    Raises:
+        StorageError: in one line, if the folder cannot be made or boto3 is missing.
+    """
+    if is_s3(path):
+        return S3ArtifactStore(str(path))
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -230,12 +299,17 @@ def artifact_store(path: str | Path) -> ArtifactStore:
 
 
 def check_artifact_dir(path: str | Path) -> None:
-    """Create the artifact folder and write a probe file in it, or raise StorageError.
+    """Create the artifact location and write (then remove) a probe in it, or raise StorageError.
 
     ``study create`` calls this before it creates anything, so that a study never exists whose
     trials could not save their weights.
     """
-    artifact_store(path)
+    store = artifact_store(path)
+    if isinstance(store, S3ArtifactStore):
+        probe_id = f".tlopt-probe-{os.getpid()}"
+        store.write(probe_id, io.BytesIO(b"tlopt"))
+        store.remove(probe_id)
+        return
     probe = Path(path) / f".tlopt-probe-{os.getpid()}"
     try:
         probe.write_bytes(b"tlopt")
@@ -251,13 +325,18 @@ def check_artifact_dir(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def budget_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
+def budget_lock(storage: BaseStorage, study_name: str) -> Iterator[None]:
     """Serialise "count the trials, then ask for one" across all workers of a study.
 
     PostgreSQL: a session advisory lock on the server, so workers on any machine agree.
     SQLite: an ``flock`` on a file beside the database (one machine, by construction).
+    Other storages (the gRPC proxy, MySQL): no lock; see ``has_budget_lock``.
     """
     key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
+    if not has_budget_lock(storage):
+        yield
+        return
+    assert isinstance(storage, RDBStorage)
     url = str(storage.engine.url)
     path = sqlite_path(url)
     if path is not None:
@@ -268,9 +347,6 @@ def budget_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         return
-    if storage.engine.dialect.name != "postgresql":
-        yield
-        return
     with storage.engine.connect() as connection:
         connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         try:
@@ -280,5 +356,13 @@ def budget_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
             connection.commit()
 
 
-def study_names(storage: RDBStorage) -> list[str]:
+def has_budget_lock(storage: BaseStorage) -> bool:
+    """Whether ``budget_lock`` really locks (SQLite, PostgreSQL) for this storage."""
+    return isinstance(storage, RDBStorage) and (
+        sqlite_path(str(storage.engine.url)) is not None
+        or storage.engine.dialect.name == "postgresql"
+    )
+
+
+def study_names(storage: BaseStorage) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage)]

@@ -210,7 +210,7 @@ def _masked(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _create_whole(
-    storage: optuna.storages.RDBStorage,
+    storage: optuna.storages.BaseStorage,
     name: str,
     config: StudyConfig,
     attrs: dict[str, Any],

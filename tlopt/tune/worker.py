@@ -22,7 +22,7 @@ from types import FrameType
 
 import optuna
 import torch
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import fail_stale_trials
 from optuna.trial import TrialState
 
@@ -33,7 +33,7 @@ from tlopt.tune.context import ATTR, StudyContext
 from tlopt.tune.objective import objective
 from tlopt.tune.pruners import make_pruner
 from tlopt.tune.resilience import heartbeat, retrying
-from tlopt.tune.storage import budget_lock, mask_url, open_storage, resolve_url
+from tlopt.tune.storage import budget_lock, has_budget_lock, mask_url, open_storage, resolve_url
 from tlopt.tune.study import load
 
 log = logging.getLogger("tlopt.worker")
@@ -150,17 +150,56 @@ def work(
 
 
 def _next_trial(
-    study: optuna.Study, storage: RDBStorage, study_name: str, budget: int
+    study: optuna.Study, storage: BaseStorage, study_name: str, budget: int
 ) -> tuple[optuna.Trial | None, bool]:
     """(a new trial or None to wait, whether the budget is reached), under the budget lock."""
     fail_stale_trials(study)  # a dead worker's trial is failed and re-queued here
     with budget_lock(storage, study_name):
-        trials = study.get_trials(deepcopy=False)
-        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-        running = sum(t.state == TrialState.RUNNING for t in trials)
+        finished, running = _count(study)
         if finished >= budget:
             return None, True
-        return (study.ask() if finished + running < budget else None), False
+        if finished + running >= budget:
+            return None, False
+        trial = study.ask()
+    if not has_budget_lock(storage) and _over_budget(study, trial, budget):
+        return None, False
+    return trial, False
+
+
+def _count(study: optuna.Study, before: int | None = None) -> tuple[int, int]:
+    """(finished trials, running trials numbered below ``before``, or all running)."""
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    running = sum(
+        t.state == TrialState.RUNNING and (before is None or t.number < before) for t in trials
+    )
+    return finished, running
+
+
+def _over_budget(study: optuna.Study, trial: optuna.Trial, budget: int) -> bool:
+    """Without a budget lock (behind the gRPC proxy): whether another worker got the last place.
+
+    Trials are numbered in creation order, so the running trials numbered below this one came
+    first: this one runs only if the finished trials and those leave room for it. A trial that
+    does not is ended FAIL with the reason and never run; one that was queued (a retry) is
+    queued again with its parameters, its checkpoint and its retry history.
+    """
+    finished, ahead = _count(study, before=trial.number)
+    if finished + ahead < budget:
+        return False
+    frozen = study._storage.get_trial(trial._trial_id)
+    trial.set_user_attr(ATTR + "error", "over budget: another worker took the last trial")
+    _tell(study, trial, None, TrialState.FAIL)
+    if "fixed_params" in frozen.system_attrs:
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                user_attrs=frozen.user_attrs,
+                system_attrs=frozen.system_attrs,
+                intermediate_values=frozen.intermediate_values,
+            )
+        )
+    return True
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None, state: TrialState) -> None:
@@ -174,13 +213,13 @@ def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None, state: 
 
 def _run(
     study: optuna.Study,
-    storage: RDBStorage,
+    storage: BaseStorage,
     trial: optuna.Trial,
     ctx: StudyContext,
     config: StudyConfig,
 ) -> TrialState:
     try:
-        with heartbeat(storage, trial._trial_id):
+        with heartbeat(storage, trial._trial_id, config.storage.heartbeat_interval):
             value = objective(trial, ctx)
     except optuna.TrialPruned as pruned:
         log.info("trial %d pruned: %s", trial.number, pruned)
