@@ -247,3 +247,36 @@ def test_bad_input_gives_one_line_and_the_command(
     one_line_error(
         cli("study", "create", "--config", str(tiny), "--stage", "freez1"), "unknown stage 'freez1'"
     )
+
+
+def test_head_trials_train_together(storage_url: str, tiny: Path) -> None:
+    """--heads-at-once: asked together, trained as one batch, reported and pruned one by one.
+
+    Without dropout a batched trial's value equals the one-at-a-time trainer's (same params).
+    """
+    path = tiny.with_name("together.toml")
+    path.write_text(TINY.replace('optimizer = ["sgd"]\n', 'optimizer = ["sgd"]\ndropout = [0.0]\n'))
+    config = load_config(path)
+    studies.create(config, "head", storage_url)
+    summary = work("tiny/head", storage_url, heads_at_once=4)
+    assert summary.complete + summary.pruned == 6
+    head = optuna.load_study(study_name="tiny/head", storage=storage_url)
+    assert finished(head) == 6 and not [t for t in head.trials if t.state == TrialState.FAIL]
+    complete = [t for t in head.trials if t.state == TrialState.COMPLETE]
+    assert complete
+    for t in complete:
+        assert sorted(t.intermediate_values) == [1, 2, 3, 4]
+        assert t.value == pytest.approx(min(t.intermediate_values.values()))
+        assert "tlopt.head_artifact" in t.user_attrs
+    # Trials asked together start before any of them completes, so the first batch is not
+    # pruned (as with parallel workers); lr 9 then trails the trials that learn.
+    assert studies.best_trial(head).params["lr"] == 3e-3
+
+    # The same params one at a time, through fit: the same value.
+    studies.create(config, "head", storage_url, name="tiny/head-alone")
+    alone = optuna.load_study(study_name="tiny/head-alone", storage=storage_url)
+    alone.enqueue_trial(complete[0].params)
+    work("tiny/head-alone", storage_url, n_trials=1)
+    alone = optuna.load_study(study_name="tiny/head-alone", storage=storage_url)
+    assert alone.trials[0].value == pytest.approx(complete[0].value, rel=1e-4)
+    studies.create(config, "freeze1", storage_url)  # starts from the best batched head

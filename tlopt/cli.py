@@ -232,16 +232,21 @@ def worker(
     per_gpu: Annotated[int, typer.Option(help="Trial processes per GPU.")] = 1,
     processes: Annotated[int, typer.Option(help="Worker processes on the CPU.")] = 1,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
+    heads_at_once: Annotated[
+        int, typer.Option(help="Head studies: trials whose heads train together (1: one by one).")
+    ] = 8,
 ) -> None:
     """Run trials until the study holds its budget of finished trials."""
     from tlopt.tune.worker import parse_gpus, supervise, work
 
     gpu_ids = parse_gpus(gpus)
-    if per_gpu < 1 or processes < 1:
-        raise TloptError("--per-gpu and --processes must be at least 1")
+    if per_gpu < 1 or processes < 1 or heads_at_once < 1:
+        raise TloptError("--per-gpu, --processes and --heads-at-once must be at least 1")
     if gpu_ids or processes > 1:
-        raise typer.Exit(supervise(study, storage, n_trials, timeout, gpu_ids, per_gpu, processes))
-    summary = work(study, storage, n_trials, timeout, device)
+        raise typer.Exit(
+            supervise(study, storage, n_trials, timeout, gpu_ids, per_gpu, processes, heads_at_once)
+        )
+    summary = work(study, storage, n_trials, timeout, device, heads_at_once)
     typer.echo(
         f"worker done: {summary.complete} complete, {summary.pruned} pruned, "
         f"{summary.failed} failed"

@@ -19,8 +19,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tlopt.models.backbones import classifier_name
+from tlopt.models.split import SplitModel
+from tlopt.models.stages import set_train_mode
 from tlopt.report.trial_artifacts import write_trial_artifacts
-from tlopt.train.trainer import EpochRecord, FitResult, NonFiniteLoss, TrainParams, fit
+from tlopt.train.heads import HeadTask, fit_heads
+from tlopt.train.trainer import (
+    EpochRecord,
+    FitResult,
+    NonFiniteLoss,
+    TrainParams,
+    _Inputs,
+    fit,
+)
 from tlopt.tune.context import ATTR, StudyContext
 from tlopt.tune.resilience import retrying
 from tlopt.tune.space import suggest
@@ -51,27 +61,10 @@ def train_trial(
 
     def on_epoch(record: EpochRecord, checkpoint: Callable[[], dict[str, Any]]) -> None:
         history.append(record)
-        log.info(
-            "trial %s epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  lr %.2e  %.1fs",
-            getattr(trial, "number", "-"),
-            record.epoch,
-            params.epochs,
-            record.train_loss,
-            record.val_loss,
-            record.val_accuracy,
-            record.lr,
-            record.seconds,
-        )
-        if not report:
-            return
-        retrying("reporting an epoch", lambda: trial.report(record.val_loss, record.epoch))
-        if retrying("asking the pruner", trial.should_prune):
-            _set_history(trial, history)
-            reason = f"{ctx.config.pruner.type} pruner at epoch {record.epoch}"
-            retrying(
-                "recording a prune", lambda: trial.set_user_attr(ATTR + "prune_reason", reason)
-            )
-            raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
+        if report:
+            _report(trial, ctx, record, params.epochs, history)  # type: ignore[arg-type]
+        else:
+            _log_epoch(trial, record, params.epochs)
         if checkpoints and record.epoch < params.epochs:
             assert isinstance(trial, optuna.Trial)
             state = checkpoint()
@@ -155,20 +148,123 @@ def objective(trial: optuna.Trial, ctx: StudyContext) -> float:
     """Train one trial and return its best validation loss."""
     began = time.perf_counter()
     params, dropout, result, model = train_trial(trial, ctx)
+    head = model.get_submodule(classifier_name(model)) if ctx.stage.name == "head" else None
+    state = head.state_dict() if head is not None else None
+    return _finish(trial, ctx, params, dropout, result, state, time.perf_counter() - began)
+
+
+def head_objectives(
+    trials: list[optuna.Trial], ctx: StudyContext
+) -> list[float | BaseException] | None:
+    """Train the heads of several head-stage trials at once (see tlopt.train.heads).
+
+    Returns, per trial, its best validation loss or the exception that ended it (a prune);
+    None when the model's head is not a plain linear layer on cached pooled features, for
+    the caller to run the trials one at a time.
+    """
+    began = time.perf_counter()
+    setups = [suggest(t, ctx.space, "head") for t in trials]
+    train, val = ctx.split("train"), ctx.split("val")
+    ready = _pooled_features(ctx, mirror=any(s.params.flip for s in setups))
+    if ready is None:
+        return None
+    split, features, val_features = ready
+    head = split.classifier
+    assert isinstance(head, nn.Linear)
+    histories: list[list[EpochRecord]] = [[] for _ in trials]
+    outcomes: list[float | BaseException] = [0.0] * len(trials)
+    for kind in sorted({s.params.optimizer for s in setups}):
+        group = [i for i, s in enumerate(setups) if s.params.optimizer == kind]
+
+        def on_epoch(j: int, record: EpochRecord, group: list[int] = group) -> None:
+            i = group[j]
+            histories[i].append(record)
+            _report(trials[i], ctx, record, setups[i].params.epochs, histories[i])
+
+        results = fit_heads(
+            [HeadTask(setups[i].params, setups[i].dropout) for i in group],
+            head.weight,
+            head.bias,
+            features,
+            train.labels,
+            val_features[0],
+            val.labels,
+            seed=ctx.config.seed,
+            on_epoch=on_epoch,
+            should_stop=ctx.should_stop,
+        )
+        for i, result in zip(group, results, strict=True):
+            if isinstance(result, NonFiniteLoss):
+                _set_history(trials[i], histories[i])
+                trials[i].set_user_attr(ATTR + "prune_reason", str(result))
+                outcomes[i] = optuna.TrialPruned(str(result))
+            elif isinstance(result, BaseException):
+                outcomes[i] = result
+            else:
+                seconds = (time.perf_counter() - began) / len(trials)
+                outcomes[i] = _finish(
+                    trials[i],
+                    ctx,
+                    setups[i].params,
+                    setups[i].dropout,
+                    result,
+                    result.best_state,
+                    seconds,
+                )
+    return outcomes
+
+
+def can_batch_heads(ctx: StudyContext) -> bool:
+    """Whether this study's head trials can train together: a linear head on cached features.
+
+    Computes the features (with mirror images, when flips are searched) into the study's
+    prefix cache, as the first trial would.
+    """
+    if ctx.stage.name != "head" or ctx.space.cut:
+        return False
+    return _pooled_features(ctx, mirror=any(ctx.space.flip)) is not None
+
+
+def _pooled_features(
+    ctx: StudyContext, mirror: bool
+) -> tuple[SplitModel, torch.Tensor, torch.Tensor] | None:
+    """(split model with the seeded initial head, train features, val features) or None."""
+    model = ctx.build_model(0.0)  # dropout is per trial, in fit_heads
+    set_train_mode(model, False)  # the prefix runs as fit runs it: BatchNorm on running stats
+    train, val = ctx.split("train"), ctx.split("val")
+    split = SplitModel(model, int(train.images.shape[1]))
+    if split.mode != "pooled" or not isinstance(split.classifier, nn.Linear):
+        return None
+    features = _Inputs(split, train, mirror, ctx.prefix_cache).cached
+    val_features = _Inputs(split, val, False, ctx.prefix_cache).cached
+    if features is None or val_features is None:
+        return None
+    return split, features, val_features
+
+
+def _finish(
+    trial: optuna.Trial,
+    ctx: StudyContext,
+    params: TrainParams,
+    dropout: float,
+    result: FitResult,
+    head_state: dict[str, torch.Tensor] | None,
+    seconds: float,
+) -> float:
+    """Record a finished trial: history, results, the head's weights, curves; its value."""
     _set_history(trial, list(result.history))
     attrs = {
         ATTR + "train_params": {**dataclasses.asdict(params), "dropout": dropout},
         "val_accuracy": result.best_val_accuracy,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
-        "seconds": round(time.perf_counter() - began, 3),
+        "seconds": round(seconds, 3),
     }
     for key, value in attrs.items():
         retrying("saving the results", functools.partial(trial.set_user_attr, key, value))
-    if ctx.stage.name == "head":
+    if head_state is not None:
         # The fine-tuning stages start from the best head: keep every head's weights.
-        head = model.get_submodule(classifier_name(model))
-        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in head_state.items()}
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"head-trial{trial.number}.safetensors"
             save_file(state, str(path))
@@ -183,6 +279,37 @@ def objective(trial: optuna.Trial, ctx: StudyContext) -> float:
         )
     write_trial_artifacts(trial, ctx, result.history, params)
     return result.best_val_loss
+
+
+def _log_epoch(trial: optuna.trial.BaseTrial, record: EpochRecord, epochs: int) -> None:
+    log.info(
+        "trial %s epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  lr %.2e  %.1fs",
+        getattr(trial, "number", "-"),
+        record.epoch,
+        epochs,
+        record.train_loss,
+        record.val_loss,
+        record.val_accuracy,
+        record.lr,
+        record.seconds,
+    )
+
+
+def _report(
+    trial: optuna.Trial,
+    ctx: StudyContext,
+    record: EpochRecord,
+    epochs: int,
+    history: list[EpochRecord],
+) -> None:
+    """Log the epoch, report it to the pruner; raise TrialPruned (history saved) if pruned."""
+    _log_epoch(trial, record, epochs)
+    retrying("reporting an epoch", lambda: trial.report(record.val_loss, record.epoch))
+    if retrying("asking the pruner", trial.should_prune):
+        _set_history(trial, history)
+        reason = f"{ctx.config.pruner.type} pruner at epoch {record.epoch}"
+        retrying("recording a prune", lambda: trial.set_user_attr(ATTR + "prune_reason", reason))
+        raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
 
 
 def _set_history(trial: optuna.trial.BaseTrial, history: list[EpochRecord]) -> None:

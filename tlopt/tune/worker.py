@@ -10,6 +10,7 @@ heartbeat and re-queued is always picked up.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ from tlopt.config import StudyConfig
 from tlopt.errors import TloptError
 from tlopt.train.trainer import Interrupted
 from tlopt.tune.context import ATTR, StudyContext
-from tlopt.tune.objective import objective
+from tlopt.tune.objective import can_batch_heads, head_objectives, objective
 from tlopt.tune.pruners import make_pruner
 from tlopt.tune.resilience import heartbeat, retrying
 from tlopt.tune.storage import budget_lock, has_budget_lock, mask_url, open_storage, resolve_url
@@ -74,8 +75,13 @@ def work(
     n_trials: int | None = None,
     timeout: float | None = None,
     device: str | None = None,
+    heads_at_once: int = 1,
 ) -> WorkerSummary:
-    """Run trials of ``study_name`` in this process until the budget or the timeout is reached."""
+    """Run trials of ``study_name`` in this process until the budget or the timeout is reached.
+
+    ``heads_at_once``: in a head study, ask up to this many trials at a time and train their
+    heads together (``head_objectives``); each is still reported, pruned and told on its own.
+    """
     url = resolve_url(storage_url)
     study = load(study_name, url)
     config = StudyConfig.from_dict(study.user_attrs[ATTR + "config"], study_name)
@@ -108,6 +114,9 @@ def work(
         mask_url(url),
         budget,
     )
+    batch_heads = heads_at_once > 1 and can_batch_heads(ctx)
+    if batch_heads:
+        log.info("training up to %d heads at once on cached features", heads_at_once)
     summary = WorkerSummary()
     failures = 0  # failed trials do not count towards the budget: stop a loop of them
     began = time.monotonic()
@@ -118,29 +127,38 @@ def work(
         while timeout is None or time.monotonic() - began < timeout:
             if STOP.is_set():
                 raise _Stop("signal")
-            trial, finished = retrying(
-                "asking for a trial", lambda: _next_trial(study, storage, study_name, budget)
+            ask = functools.partial(
+                _next_trials,
+                study,
+                storage,
+                study_name,
+                budget,
+                heads_at_once if batch_heads else 1,
             )
+            trials, finished = retrying("asking for a trial", ask)
             if finished:
                 break
-            if trial is None:
+            if not trials:
                 time.sleep(POLL_SECONDS)  # the last trials run elsewhere; wait for them
                 continue
-            state = _run(study, storage, trial, ctx, config)
-            summary.trials.append(trial.number)
-            failures = failures + 1 if state == TrialState.FAIL else 0
-            if failures >= MAX_FAILURES_IN_A_ROW:
-                reason = trial.user_attrs.get(ATTR + "error") or "see the log above"
-                raise TloptError(
-                    f"{failures} trials in a row failed (last: {reason}): fix it, then run "
-                    "the worker again"
-                )
-            if state == TrialState.COMPLETE:
-                summary.complete += 1
-            elif state == TrialState.PRUNED:
-                summary.pruned += 1
-            else:
-                summary.failed += 1
+            ran = _run_heads(study, storage, trials, ctx, config) if len(trials) > 1 else None
+            if ran is None:
+                ran = [_run(study, storage, trial, ctx, config) for trial in trials]
+            for trial, state in zip(trials, ran, strict=True):
+                summary.trials.append(trial.number)
+                failures = failures + 1 if state == TrialState.FAIL else 0
+                if failures >= MAX_FAILURES_IN_A_ROW:
+                    reason = trial.user_attrs.get(ATTR + "error") or "see the log above"
+                    raise TloptError(
+                        f"{failures} trials in a row failed (last: {reason}): fix it, then run "
+                        "the worker again"
+                    )
+                if state == TrialState.COMPLETE:
+                    summary.complete += 1
+                elif state == TrialState.PRUNED:
+                    summary.pruned += 1
+                else:
+                    summary.failed += 1
     except _Stop as stop:
         log.warning("worker %d stopping on %s", os.getpid(), stop)
     finally:
@@ -149,21 +167,19 @@ def work(
     return summary
 
 
-def _next_trial(
-    study: optuna.Study, storage: BaseStorage, study_name: str, budget: int
-) -> tuple[optuna.Trial | None, bool]:
-    """(a new trial or None to wait, whether the budget is reached), under the budget lock."""
+def _next_trials(
+    study: optuna.Study, storage: BaseStorage, study_name: str, budget: int, k: int = 1
+) -> tuple[list[optuna.Trial], bool]:
+    """(up to ``k`` new trials, none to wait; whether the budget is reached), under the lock."""
     fail_stale_trials(study)  # a dead worker's trial is failed and re-queued here
     with budget_lock(storage, study_name):
         finished, running = _count(study)
         if finished >= budget:
-            return None, True
-        if finished + running >= budget:
-            return None, False
-        trial = study.ask()
-    if not has_budget_lock(storage) and _over_budget(study, trial, budget):
-        return None, False
-    return trial, False
+            return [], True
+        trials = [study.ask() for _ in range(min(k, budget - finished - running))]
+    if not has_budget_lock(storage):
+        trials = [t for t in trials if not _over_budget(study, t, budget)]
+    return trials, False
 
 
 def _count(study: optuna.Study, before: int | None = None) -> tuple[int, int]:
@@ -257,6 +273,62 @@ def _run(
     return TrialState.COMPLETE
 
 
+def _run_heads(
+    study: optuna.Study,
+    storage: BaseStorage,
+    trials: list[optuna.Trial],
+    ctx: StudyContext,
+    config: StudyConfig,
+) -> list[TrialState] | None:
+    """Run head trials together; None if their model needs them one at a time."""
+    interval = config.storage.heartbeat_interval
+    with contextlib.ExitStack() as beats:
+        for trial in trials:
+            beats.enter_context(heartbeat(storage, trial._trial_id, interval))
+        try:
+            outcomes = head_objectives(trials, ctx)
+        except (Interrupted, KeyboardInterrupt):
+            for trial in trials:
+                _fail_and_requeue(study, trial, "worker stopped", config.storage.max_retry)
+            raise _Stop("signal") from None
+        except TloptError as exc:
+            for trial in trials:
+                why = str(exc).splitlines()[0][:500]
+                _fail_and_requeue(study, trial, why, config.storage.max_retry)
+            raise
+        except Exception as exc:  # a crashed batch must not kill the worker
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            outcomes = [exc] * len(trials)
+            log.error("head trials %s failed: %s", [t.number for t in trials], reason)
+    if outcomes is None:
+        return None
+    states = []
+    for trial, outcome in zip(trials, outcomes, strict=True):
+        if isinstance(outcome, optuna.TrialPruned):
+            log.info("trial %d pruned: %s", trial.number, outcome)
+            _tell(study, trial, None, TrialState.PRUNED)
+            states.append(TrialState.PRUNED)
+        elif isinstance(outcome, BaseException):
+            reason = f"{type(outcome).__name__}: {outcome}".splitlines()[0][:500]
+            log.error("trial %d failed: %s", trial.number, reason)
+            retrying(
+                "recording a failure",
+                functools.partial(trial.set_user_attr, ATTR + "error", reason),
+            )
+            _tell(study, trial, None, TrialState.FAIL)
+            states.append(TrialState.FAIL)
+        else:
+            _tell(study, trial, outcome, TrialState.COMPLETE)
+            log.info(
+                "trial %d complete: val_loss %.4f  val_acc %.4f",
+                trial.number,
+                outcome,
+                trial.user_attrs.get("val_accuracy", float("nan")),
+            )
+            states.append(TrialState.COMPLETE)
+    return states
+
+
 def _fail_and_requeue(study: optuna.Study, trial: optuna.Trial, why: str, max_retry: int) -> None:
     """Fail an interrupted trial and queue it again with the same parameters."""
     trial.set_user_attr(ATTR + "error", why)
@@ -318,6 +390,7 @@ def supervise(
     gpus: list[str],
     per_gpu: int = 1,
     processes: int = 1,
+    heads_at_once: int = 1,
     max_restarts: int = 3,
 ) -> int:
     """Run one worker process per slot (``per_gpu`` per GPU, or ``processes`` on the CPU).
@@ -335,6 +408,7 @@ def supervise(
         base += ["--n-trials", str(n_trials)]
     if timeout:
         base += ["--timeout", str(timeout)]
+    base += ["--heads-at-once", str(heads_at_once)]
 
     def start(gpu: str | None) -> subprocess.Popen[bytes]:
         env = {**os.environ, "TLOPT_STORAGE": url}
