@@ -37,17 +37,18 @@ STAGES = ("head", "freeze1", "freeze2")
 
 
 def digits_folder(root: Path) -> Path:
-    """The digits as PNG files in an ImageFolder layout, as a user's folder would be."""
+    """The digits as PNG files in a train/val ImageFolder layout, as a user's folder would be."""
     source = open_source("digits", val_fraction=0.2, test_fraction=0.0, seed=0)
-    for i, item in enumerate(source.split_items("train")):
-        folder = root / source.classes[item.label]
-        folder.mkdir(parents=True, exist_ok=True)
-        source.load(item).save(folder / f"{i:04d}.png")
+    for split in ("train", "val"):
+        for i, item in enumerate(source.split_items(split)):
+            folder = root / split / source.classes[item.label]
+            folder.mkdir(parents=True, exist_ok=True)
+            source.load(item).save(folder / f"{i:04d}.png")
     return root
 
 
 def baseline(args: argparse.Namespace, folder: Path, stage: str, mean, std) -> float:
-    """Images/s of one epoch-loop the way the seeds train: decode every epoch, fp32, eager."""
+    """Training images/s the way the seeds train: decode every epoch, fp32, eager, validate."""
     torch.manual_seed(0)
     model = create_backbone(args.model, args.weights, num_classes=args.classes).to(args.device)
     apply_stage(model, parse_stage(stage))
@@ -61,9 +62,17 @@ def baseline(args: argparse.Namespace, folder: Path, stage: str, mean, std) -> f
         ]
     )
     loader = DataLoader(
-        datasets.ImageFolder(str(folder), transform),
+        datasets.ImageFolder(str(folder / "train"), transform),
         batch_size=args.batch_size,
         shuffle=True,
+        num_workers=args.workers,
+    )
+    plain = transforms.Compose(
+        [t for t in transform.transforms if not isinstance(t, transforms.RandomHorizontalFlip)]
+    )
+    val_loader = DataLoader(
+        datasets.ImageFolder(str(folder / "val"), plain),
+        batch_size=args.batch_size,
         num_workers=args.workers,
     )
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -77,6 +86,12 @@ def baseline(args: argparse.Namespace, folder: Path, stage: str, mean, std) -> f
             loss.backward()
             optimizer.step()
             seen += len(y)
+        # Validation after every epoch, as Keras' fit(validation_data=...) in the seeds does
+        # (tlopt's trainer validates every epoch too, for the pruner).
+        set_train_mode(model, False)
+        with torch.no_grad():
+            for x, y in val_loader:
+                F.cross_entropy(model(x.to(args.device)), y.to(args.device))
     if args.device == "cuda":
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - began)
@@ -140,7 +155,13 @@ type = "median"
         work("bench/head", url, n_trials=1, device=args.device)
     began = time.perf_counter()
     studies.create(cfg, stage, url)
-    work(f"bench/{stage}", url, n_trials=args.trials, device=args.device)
+    work(
+        f"bench/{stage}",
+        url,
+        n_trials=args.trials,
+        device=args.device,
+        heads_at_once=args.heads_at_once,
+    )
     return time.perf_counter() - began
 
 
@@ -154,6 +175,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--trials", type=int, default=4, help="trials of each small study")
+    parser.add_argument(
+        "--heads-at-once", type=int, default=8, help="head trials trained together (1: one by one)"
+    )
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--json", default=None, help="write the figures to this file")
@@ -167,11 +191,12 @@ def main() -> None:
             source = open_source("digits", val_fraction=0.2, test_fraction=0.0, seed=0)
         else:
             source = open_source("folder", args.data, val_fraction=0.2, test_fraction=0.0, seed=0)
-            folder = (
-                Path(args.data) / "train"
-                if (Path(args.data) / "train").is_dir()
-                else Path(args.data)
-            )
+            folder = Path(args.data)
+            if not (folder / "train").is_dir() or not (folder / "val").is_dir():
+                raise SystemExit(
+                    "bench --data needs a folder with train/ and val/ class folders "
+                    "(the ImageFolder layout the baseline reads)"
+                )
         args.classes = len(source.classes)
         mean, std = normalization(create_backbone(args.model, "none"))
         images = decode_source(source, args.image_size, work_dir / "cache")

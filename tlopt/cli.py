@@ -235,6 +235,13 @@ def worker(
     heads_at_once: Annotated[
         int, typer.Option(help="Head studies: trials whose heads train together (1: one by one).")
     ] = 8,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the training step (CUDA graphs per batch size on a GPU).",
+        ),
+    ] = False,
 ) -> None:
     """Run trials until the study holds its budget of finished trials."""
     from tlopt.tune.worker import parse_gpus, supervise, work
@@ -244,9 +251,19 @@ def worker(
         raise TloptError("--per-gpu, --processes and --heads-at-once must be at least 1")
     if gpu_ids or processes > 1:
         raise typer.Exit(
-            supervise(study, storage, n_trials, timeout, gpu_ids, per_gpu, processes, heads_at_once)
+            supervise(
+                study,
+                storage,
+                n_trials,
+                timeout,
+                gpu_ids,
+                per_gpu,
+                processes,
+                heads_at_once,
+                compile,
+            )
         )
-    summary = work(study, storage, n_trials, timeout, device, heads_at_once)
+    summary = work(study, storage, n_trials, timeout, device, heads_at_once, compile)
     typer.echo(
         f"worker done: {summary.complete} complete, {summary.pruned} pruned, "
         f"{summary.failed} failed"

@@ -50,6 +50,5 @@ class ImageSet:
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         x = (x - mean) / std
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)  # see fit: faster on CUDA and CPU
         return x

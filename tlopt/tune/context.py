@@ -95,6 +95,7 @@ class StudyContext:
         self.sets: dict[str, ImageSet] = {}
         self.should_stop: Callable[[], bool] | None = None  # set by the worker
         self.prefix_cache: dict[str, Any] = {}
+        self.compile = False  # tlopt worker --compile: torch.compile / CUDA graphs (trainer)
 
     def split(self, name: str) -> ImageSet:
         """One split (train, val, test) resident on the device, built once."""
@@ -119,8 +120,6 @@ class StudyContext:
         freeze_modules = cfg.freeze_modules if self.stage.name != "head" else None
         apply_stage(model, self.stage, freeze_modules=freeze_modules)
         model.to(self.device)
-        if self.device.type == "cuda":
-            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return model
 
     def _download_state(self, artifact_id: str) -> dict[str, torch.Tensor]:

@@ -81,6 +81,7 @@ def train_trial(
             cache=ctx.prefix_cache,
             resume=resume,
             should_stop=ctx.should_stop,
+            compile=ctx.compile,
         )
     except NonFiniteLoss as exc:
         _set_history(trial, history)

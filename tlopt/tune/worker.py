@@ -76,6 +76,7 @@ def work(
     timeout: float | None = None,
     device: str | None = None,
     heads_at_once: int = 1,
+    compile: bool = False,
 ) -> WorkerSummary:
     """Run trials of ``study_name`` in this process until the budget or the timeout is reached.
 
@@ -122,6 +123,7 @@ def work(
     began = time.monotonic()
     STOP.clear()
     ctx.should_stop = STOP.is_set
+    ctx.compile = compile
     previous = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while timeout is None or time.monotonic() - began < timeout:
@@ -391,6 +393,7 @@ def supervise(
     per_gpu: int = 1,
     processes: int = 1,
     heads_at_once: int = 1,
+    compile: bool = False,
     max_restarts: int = 3,
 ) -> int:
     """Run one worker process per slot (``per_gpu`` per GPU, or ``processes`` on the CPU).
@@ -408,7 +411,7 @@ def supervise(
         base += ["--n-trials", str(n_trials)]
     if timeout:
         base += ["--timeout", str(timeout)]
-    base += ["--heads-at-once", str(heads_at_once)]
+    base += ["--heads-at-once", str(heads_at_once)] + (["--compile"] if compile else [])
 
     def start(gpu: str | None) -> subprocess.Popen[bytes]:
         env = {**os.environ, "TLOPT_STORAGE": url}
