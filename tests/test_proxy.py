@@ -18,7 +18,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.test_service import CONFIG, finished, start_worker, states, wait_until
+from tests.test_service import (
+    CONFIG,
+    finished,
+    start_worker,
+    states,
+    two_epochs_checkpointed,
+    wait_until,
+)
 from tlopt.config import load_config
 from tlopt.tune import study as studies
 from tlopt.tune.worker import work
@@ -111,16 +118,11 @@ def test_the_proxy_requeues_a_killed_workers_trial(
     work("svc/head", proxy, n_trials=1)
     studies.create(config, "freeze1", proxy)
     victim = start_worker("svc/freeze1", proxy)
-
-    def checkpointed() -> bool:
-        study = optuna.load_study(study_name="svc/freeze1", storage=pg_storage_url)
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return any(
-            len(t.intermediate_values) >= 2 and t.user_attrs.get("tlopt.checkpoint")
-            for t in running
-        )
-
-    wait_until(checkpointed, 300, "a running trial with 2 checkpointed epochs")
+    wait_until(
+        lambda: two_epochs_checkpointed("svc/freeze1", pg_storage_url),
+        300,
+        "a running trial with 2 checkpointed epochs",
+    )
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     study = optuna.load_study(study_name="svc/freeze1", storage=pg_storage_url)

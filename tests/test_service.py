@@ -103,6 +103,15 @@ def test_eight_workers_share_a_budget_of_forty(pg_storage_url: str, tmp_path: Pa
         assert bad not in output, output[-3000:]
 
 
+def two_epochs_checkpointed(name: str, url: str) -> bool:
+    """Whether a running trial of ``name`` has reported 2 epochs and saved a checkpoint."""
+    study = optuna.load_study(study_name=name, storage=url)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return any(
+        len(t.intermediate_values) >= 2 and t.user_attrs.get("tlopt.checkpoint") for t in running
+    )
+
+
 def _fine_tuning_study(url: str, tmp_path: Path, n_trials: int, epochs: int) -> str:
     config = load_config(make_config(tmp_path, n_trials, epochs))
     studies.create(config, "head", url)
@@ -114,16 +123,11 @@ def _fine_tuning_study(url: str, tmp_path: Path, n_trials: int, epochs: int) -> 
 def test_sigkill_mid_trial_resumes_from_its_checkpoint(storage_url: str, tmp_path: Path) -> None:
     name = _fine_tuning_study(storage_url, tmp_path, n_trials=2, epochs=12)
     victim = start_worker(name, storage_url)
-
-    def two_epochs_checkpointed() -> bool:
-        study = optuna.load_study(study_name=name, storage=storage_url)
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return any(
-            len(t.intermediate_values) >= 2 and t.user_attrs.get("tlopt.checkpoint")
-            for t in running
-        )
-
-    wait_until(two_epochs_checkpointed, 300, "a running trial with 2 checkpointed epochs")
+    wait_until(
+        lambda: two_epochs_checkpointed(name, storage_url),
+        300,
+        "a running trial with 2 checkpointed epochs",
+    )
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     study = optuna.load_study(study_name=name, storage=storage_url)
@@ -207,6 +211,34 @@ def test_gpu_slots_are_pinned_per_process() -> None:
     assert parse_gpus("0, 1") == ["0", "1"] and parse_gpus(None) == []
     with pytest.raises(TloptError, match="comma-separated"):
         parse_gpus("first")
+
+
+def test_per_gpu_auto_sizes_slots_from_memory() -> None:
+    """The sizing rule; the probe itself needs a CUDA device (see the README's GPU notes)."""
+    from tlopt.errors import TloptError
+    from tlopt.tune.placement import CONTEXT_BYTES, per_gpu_from_memory, probe
+
+    gib = 2**30
+    assert per_gpu_from_memory(80 * gib, 6 * gib) == 8  # capped
+    assert per_gpu_from_memory(80 * gib, 20 * gib) == 3  # 72 GiB usable / 20
+    assert per_gpu_from_memory(10 * gib, 40 * gib) == 1  # always at least one
+    assert CONTEXT_BYTES > 0
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(TloptError, match="needs a CUDA device"):
+            probe("any/head")
+    for args, needle in (
+        (["--per-gpu", "auto"], "pass --gpus too"),
+        (["--per-gpu", "two"], "'auto'"),
+        (["--per-gpu", "0"], "'auto'"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "tlopt", "worker", "--study", "x/head", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2 and needle in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_supervisor_restarts_a_slot_whose_process_dies(

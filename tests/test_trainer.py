@@ -94,3 +94,21 @@ def test_normalisation_and_flip() -> None:
     torch.testing.assert_close(x[0], expected[0])
     torch.testing.assert_close(x[1], expected[1].flip(-1))
     assert normalization(create_backbone("test_resnet", "none")) is not None
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(digits: tuple[ImageSet, ImageSet]) -> None:
+    """--compile (torch.compile; CUDA graphs on CUDA) trains to the eager path's losses.
+
+    On the CPU this exercises the compiled path with inductor; tolerance 1e-3 relative on each
+    epoch's validation loss (kernels fuse and reorder float32 sums).
+    """
+    eager = run("freeze2", digits, epochs=2)
+    torch.manual_seed(0)
+    model = create_backbone("test_efficientnet", "none", num_classes=10, drop_rate=0.1)
+    apply_stage(model, parse_stage("freeze2"))
+    params = TrainParams(batch_size=16, epochs=2, lr=3e-3)
+    compiled = fit(model, digits[0], digits[1], params, seed=1, compile=True)
+    np.testing.assert_allclose(
+        [r.val_loss for r in compiled.history], [r.val_loss for r in eager.history], rtol=1e-3
+    )

@@ -229,7 +229,9 @@ def worker(
     gpus: Annotated[
         str | None, typer.Option(help="GPU ids ('0,1') or 'all': one process per GPU slot.")
     ] = None,
-    per_gpu: Annotated[int, typer.Option(help="Trial processes per GPU.")] = 1,
+    per_gpu: Annotated[
+        str, typer.Option(help="Trial processes per GPU, or 'auto' to fit them to its memory.")
+    ] = "1",
     processes: Annotated[int, typer.Option(help="Worker processes on the CPU.")] = 1,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
     heads_at_once: Annotated[
@@ -247,8 +249,13 @@ def worker(
     from tlopt.tune.worker import parse_gpus, supervise, work
 
     gpu_ids = parse_gpus(gpus)
-    if per_gpu < 1 or processes < 1 or heads_at_once < 1:
-        raise TloptError("--per-gpu, --processes and --heads-at-once must be at least 1")
+    slots_per_gpu = 0 if per_gpu == "auto" else int(per_gpu) if per_gpu.isdigit() else -1
+    if slots_per_gpu < 0 or (slots_per_gpu == 0 and per_gpu != "auto"):
+        raise TloptError(f"--per-gpu {per_gpu}: give a number of processes (1, 2, ...) or 'auto'")
+    if slots_per_gpu == 0 and not gpu_ids:
+        raise TloptError("--per-gpu auto sizes GPU slots: pass --gpus too (e.g. --gpus all)")
+    if processes < 1 or heads_at_once < 1:
+        raise TloptError("--processes and --heads-at-once must be at least 1")
     if gpu_ids or processes > 1:
         raise typer.Exit(
             supervise(
@@ -257,7 +264,7 @@ def worker(
                 n_trials,
                 timeout,
                 gpu_ids,
-                per_gpu,
+                slots_per_gpu,
                 processes,
                 heads_at_once,
                 compile,

@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import NoReturn
 
 import optuna
 import torch
@@ -236,43 +237,15 @@ def _run(
     ctx: StudyContext,
     config: StudyConfig,
 ) -> TrialState:
+    outcome: float | BaseException
     try:
         with heartbeat(storage, trial._trial_id, config.storage.heartbeat_interval):
-            value = objective(trial, ctx)
-    except optuna.TrialPruned as pruned:
-        log.info("trial %d pruned: %s", trial.number, pruned)
-        _tell(study, trial, None, TrialState.PRUNED)
-        return TrialState.PRUNED
-    except (Interrupted, KeyboardInterrupt):
-        _fail_and_requeue(study, trial, "worker stopped", config.storage.max_retry)
-        raise _Stop("signal") from None
-    except TloptError as exc:
-        _fail_and_requeue(study, trial, str(exc).splitlines()[0][:500], config.storage.max_retry)
-        raise
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        reason = (
-            f"CUDA out of memory at batch size {trial.params.get('batch_size')}: lower "
-            "search.batch_size or data.image_size, or use fewer --per-gpu"
-        )
-        log.error("trial %d failed: %s", trial.number, reason)
-        retrying("recording a failure", lambda: trial.set_user_attr(ATTR + "error", reason))
-        _tell(study, trial, None, TrialState.FAIL)
-        return TrialState.FAIL
-    except Exception as exc:  # a crashed trial must not kill the worker
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        log.error("trial %d failed: %s", trial.number, reason)
-        retrying("recording a failure", lambda: trial.set_user_attr(ATTR + "error", reason))
-        _tell(study, trial, None, TrialState.FAIL)
-        return TrialState.FAIL
-    _tell(study, trial, value, TrialState.COMPLETE)
-    log.info(
-        "trial %d complete: val_loss %.4f  val_acc %.4f",
-        trial.number,
-        value,
-        trial.user_attrs.get("val_accuracy", float("nan")),
-    )
-    return TrialState.COMPLETE
+            outcome = objective(trial, ctx)
+    except (Interrupted, KeyboardInterrupt, TloptError) as exc:
+        _requeue_and_raise([trial], exc, config)
+    except Exception as exc:  # a prune, or a crashed trial: it must not kill the worker
+        outcome = exc
+    return _settle(study, trial, outcome)
 
 
 def _run_heads(
@@ -283,52 +256,64 @@ def _run_heads(
     config: StudyConfig,
 ) -> list[TrialState] | None:
     """Run head trials together; None if their model needs them one at a time."""
-    interval = config.storage.heartbeat_interval
+    outcomes: list[float | BaseException] | None
     with contextlib.ExitStack() as beats:
         for trial in trials:
-            beats.enter_context(heartbeat(storage, trial._trial_id, interval))
+            beats.enter_context(
+                heartbeat(storage, trial._trial_id, config.storage.heartbeat_interval)
+            )
         try:
             outcomes = head_objectives(trials, ctx)
-        except (Interrupted, KeyboardInterrupt):
-            for trial in trials:
-                _fail_and_requeue(study, trial, "worker stopped", config.storage.max_retry)
-            raise _Stop("signal") from None
-        except TloptError as exc:
-            for trial in trials:
-                why = str(exc).splitlines()[0][:500]
-                _fail_and_requeue(study, trial, why, config.storage.max_retry)
-            raise
+        except (Interrupted, KeyboardInterrupt, TloptError) as exc:
+            _requeue_and_raise(trials, exc, config)
         except Exception as exc:  # a crashed batch must not kill the worker
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             outcomes = [exc] * len(trials)
-            log.error("head trials %s failed: %s", [t.number for t in trials], reason)
     if outcomes is None:
         return None
-    states = []
-    for trial, outcome in zip(trials, outcomes, strict=True):
-        if isinstance(outcome, optuna.TrialPruned):
-            log.info("trial %d pruned: %s", trial.number, outcome)
-            _tell(study, trial, None, TrialState.PRUNED)
-            states.append(TrialState.PRUNED)
-        elif isinstance(outcome, BaseException):
-            reason = f"{type(outcome).__name__}: {outcome}".splitlines()[0][:500]
-            log.error("trial %d failed: %s", trial.number, reason)
-            retrying(
-                "recording a failure",
-                functools.partial(trial.set_user_attr, ATTR + "error", reason),
+    return [_settle(study, t, o) for t, o in zip(trials, outcomes, strict=True)]
+
+
+def _requeue_and_raise(
+    trials: list[optuna.Trial], exc: BaseException, config: StudyConfig
+) -> NoReturn:
+    """The worker stops (a signal) or cannot go on (a TloptError): queue its trials again."""
+    stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
+    why = "worker stopped" if stopped else str(exc).splitlines()[0][:500]
+    for trial in trials:
+        _fail_and_requeue(trial.study, trial, why, config.storage.max_retry)
+    if stopped:
+        raise _Stop("signal") from None
+    raise exc
+
+
+def _settle(study: optuna.Study, trial: optuna.Trial, outcome: float | BaseException) -> TrialState:
+    """Tell the study how a trial ended: its value, a prune, or a failure with its reason."""
+    if isinstance(outcome, optuna.TrialPruned):
+        log.info("trial %d pruned: %s", trial.number, outcome)
+        _tell(study, trial, None, TrialState.PRUNED)
+        return TrialState.PRUNED
+    if isinstance(outcome, BaseException):
+        if isinstance(outcome, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+            reason = (
+                f"CUDA out of memory at batch size {trial.params.get('batch_size')}: lower "
+                "search.batch_size or data.image_size, or use fewer --per-gpu"
             )
-            _tell(study, trial, None, TrialState.FAIL)
-            states.append(TrialState.FAIL)
         else:
-            _tell(study, trial, outcome, TrialState.COMPLETE)
-            log.info(
-                "trial %d complete: val_loss %.4f  val_acc %.4f",
-                trial.number,
-                outcome,
-                trial.user_attrs.get("val_accuracy", float("nan")),
-            )
-            states.append(TrialState.COMPLETE)
-    return states
+            reason = f"{type(outcome).__name__}: {outcome}".splitlines()[0][:500]
+        log.error("trial %d failed: %s", trial.number, reason)
+        record = functools.partial(trial.set_user_attr, ATTR + "error", reason)
+        retrying("recording a failure", record)
+        _tell(study, trial, None, TrialState.FAIL)
+        return TrialState.FAIL
+    _tell(study, trial, outcome, TrialState.COMPLETE)
+    log.info(
+        "trial %d complete: val_loss %.4f  val_acc %.4f",
+        trial.number,
+        outcome,
+        trial.user_attrs.get("val_accuracy", float("nan")),
+    )
+    return TrialState.COMPLETE
 
 
 def _fail_and_requeue(study: optuna.Study, trial: optuna.Trial, why: str, max_retry: int) -> None:
@@ -398,13 +383,21 @@ def supervise(
 ) -> int:
     """Run one worker process per slot (``per_gpu`` per GPU, or ``processes`` on the CPU).
 
+    ``per_gpu=0`` sizes each GPU's slots from its memory (``--per-gpu auto``, see placement).
     Each slot is pinned with ``CUDA_VISIBLE_DEVICES`` and opens its own storage connection.
     A slot whose process dies is restarted (up to ``max_restarts`` times); SIGINT/SIGTERM are
     passed to every slot, which fail and re-queue their running trials before exiting.
     """
     url = resolve_url(storage_url)
     load(study_name, url)  # fail fast, in one line, on a wrong name or storage
-    slots = slot_devices(gpus, per_gpu, processes, os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    slots = slot_devices(
+        gpus, max(per_gpu, 1), processes, os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    )
+    if gpus and per_gpu == 0:
+        from tlopt.tune.placement import auto_per_gpu
+
+        devices = list(dict.fromkeys(slots))
+        slots = [d for d in devices for _ in range(auto_per_gpu(study_name, url, str(d)))]
     # The URL travels in the environment, not argv: `ps` would show its password.
     base = [sys.executable, "-m", "tlopt", "worker", "--study", study_name]
     if n_trials:
