@@ -146,7 +146,7 @@ def work(
                 continue
             ran = _run_heads(study, storage, trials, ctx, config) if len(trials) > 1 else None
             if ran is None:
-                ran = [_run(study, storage, trial, ctx, config) for trial in trials]
+                ran = _run_each(study, storage, trials, ctx, config)
             for trial, state in zip(trials, ran, strict=True):
                 summary.trials.append(trial.number)
                 failures = failures + 1 if state == TrialState.FAIL else 0
@@ -246,6 +246,25 @@ def _run(
     except Exception as exc:  # a prune, or a crashed trial: it must not kill the worker
         outcome = exc
     return _settle(study, trial, outcome)
+
+
+def _run_each(
+    study: optuna.Study,
+    storage: BaseStorage,
+    trials: list[optuna.Trial],
+    ctx: StudyContext,
+    config: StudyConfig,
+) -> list[TrialState]:
+    """Run asked trials one after another; if the worker stops, queue the unstarted again."""
+    states: list[TrialState] = []
+    for i, trial in enumerate(trials):
+        try:
+            states.append(_run(study, storage, trial, ctx, config))
+        except BaseException:
+            for waiting in trials[i + 1 :]:
+                _fail_and_requeue(study, waiting, "worker stopped", config.storage.max_retry)
+            raise
+    return states
 
 
 def _run_heads(
