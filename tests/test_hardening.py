@@ -401,8 +401,11 @@ def test_disk_full_while_writing_an_artifact(tmp_path: Path) -> None:
         worker = cli("worker", "--study", "tiny/head", "--storage", storage)
         one_line_error(worker, str(artifacts), "no space left on device", "queued again")
         study = optuna.load_study(study_name="tiny/head", storage=storage)
+        # Every trial it asked (head trials are asked several at once) failed and was queued
+        # again; the worker stopped.
         states = [t.state for t in study.trials]
-        assert states == [TrialState.FAIL, TrialState.WAITING], states  # stopped, re-queued
+        asked = len(states) // 2
+        assert asked >= 1 and states == [TrialState.FAIL] * asked + [TrialState.WAITING] * asked
         assert sorted(p.name for p in artifacts.iterdir()) == ["filler"]  # no partial file
         # A study is not created where its trials could not save anything.
         one_line_error(

@@ -75,6 +75,11 @@ def stage_studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[s
         mp.setenv("TLOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
         for stage, n in (("head", 4), ("freeze1", 3), ("scratch", 3)):
             studies.create(config, stage, url)
+            # Two different first trials: the workers' samplers are seeded per process, and
+            # the report's importance and slice plots need parameters that vary.
+            queue = optuna.load_study(study_name=f"rep/{stage}", storage=url)
+            queue.enqueue_trial({"batch_size": 32, "epochs": 2, "decay": "constant"})
+            queue.enqueue_trial({"batch_size": 64, "epochs": 3, "decay": "exponential"})
             work(f"rep/{stage}", url, n_trials=n)
         export_best("rep/freeze1", root / "export", url)
     return url, ["rep/head", "rep/freeze1", "rep/scratch"], root / "export"
