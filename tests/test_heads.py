@@ -129,3 +129,21 @@ def test_pruning_or_nan_ends_one_trial_not_the_batch(
     assert [e for i, e in seen if i == 0] == [1, 2, 3, 4]
     assert [e for i, e in seen if i == 2] == [1, 2]
     assert math.isfinite(out[0].best_val_loss)
+
+
+def test_a_storage_error_ends_the_whole_batch(
+    digits: tuple[ImageSet, ImageSet],  # noqa: F811
+) -> None:
+    """A prune ends one trial; a TloptError (storage gone, disk full) is the worker's to handle."""
+    from tlopt.errors import StorageError
+
+    train, val, weight, bias = _features(digits)
+    tasks = [HeadTask(TrainParams(batch_size=16, epochs=3, lr=1e-3), 0.0)] * 2
+
+    def on_epoch(i: int, record: object) -> None:
+        raise StorageError("the storage refused reporting an epoch")
+
+    with pytest.raises(StorageError):
+        fit_heads(
+            tasks, weight, bias, train, digits[0].labels, val, digits[1].labels, on_epoch=on_epoch
+        )

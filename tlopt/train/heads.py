@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tlopt.errors import TloptError
 from tlopt.train.schedules import lr_factor
 from tlopt.train.trainer import (
     OPTIMIZERS,
@@ -118,7 +119,8 @@ def fit_heads(
             task flips) their mirror images, as the trainer's prefix cache holds them.
         val_features: ``[N_val, features]``.
         on_epoch: called with (task index, record) after each epoch of each task; an
-            exception it raises (a prune) ends that task only, and becomes its outcome.
+            exception it raises (a prune) ends that task only, and becomes its outcome;
+            a ``TloptError`` (storage, disk) ends them all.
         should_stop: checked before every step; when it returns True, ``Interrupted``.
 
     Returns:
@@ -246,7 +248,9 @@ def fit_heads(
             if on_epoch is not None:
                 try:
                     on_epoch(i, record)
-                except Exception as exc:  # a prune (or a failed report) ends this trial only
+                except TloptError:  # the storage is gone, the disk is full: stop everything
+                    raise
+                except Exception as exc:  # a prune ends this trial only
                     outcome[i] = exc
                     continue
             p = tasks[i].params
