@@ -1,4 +1,4 @@
-"""Shared fixtures: study storages on SQLite and on the real PostgreSQL server.
+"""Shared fixtures: study storages on SQLite and on the real PostgreSQL server, one cache.
 
 ``scripts/test`` starts a private PostgreSQL cluster and exports:
 
@@ -28,6 +28,25 @@ import pytest
 from sqlalchemy.engine import URL, make_url
 
 PgAdmin = Callable[..., list[tuple[Any, ...]]]
+
+# The data and model of the tiny studies the tests run: scikit-learn's real digits at 16 px
+# on timm's small test network, so that a trial takes about a second on a CPU.
+TINY_DATA_MODEL = """[data]
+source = "digits"
+image_size = 16
+[model]
+backbone = "test_efficientnet"
+weights = "none"
+"""
+
+
+@pytest.fixture(autouse=True)
+def _shared_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One decoded-image cache for the whole run; a user's TLOPT_STORAGE never leaks in."""
+    monkeypatch.setenv("TLOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.delenv("TLOPT_STORAGE", raising=False)
 
 
 def _require_or_skip(reason: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import optuna
 import pytest
 
+from tests.conftest import TINY_DATA_MODEL
 from tlopt.config import load_config
 from tlopt.report import write_report
 from tlopt.tune import study as studies
@@ -30,23 +31,21 @@ from tlopt.tune.worker import work
 
 pytestmark = pytest.mark.slow
 HOST = "127.0.0.1"  # never anything else
-TINY = """
+TINY = (
+    """
 name = "web"
 seed = 3
 n_trials = 3
-[data]
-source = "digits"
-image_size = 16
-[model]
-backbone = "test_efficientnet"
-weights = "none"
-[search]
+"""
+    + TINY_DATA_MODEL
+    + """[search]
 batch_size = [32, 64]
 epochs = [2]
 decay = ["constant", "exponential"]
 lr = [3e-3]
 optimizer = ["sgd"]
 """
+)
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,9 @@ import pickle
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -32,6 +33,7 @@ from optuna.trial import TrialState
 from PIL import Image
 from sqlalchemy.engine import make_url
 
+from tests.conftest import TINY_DATA_MODEL
 from tests.test_data import messy_folder, save
 from tlopt.config import load_config
 from tlopt.errors import StorageError
@@ -40,17 +42,14 @@ from tlopt.tune.storage import mask_url, study_names
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY = """
+TINY = (
+    """
 name = "tiny"
 seed = 3
 n_trials = 2
-[data]
-source = "digits"
-image_size = 16
-[model]
-backbone = "test_efficientnet"
-weights = "none"
-[search]
+"""
+    + TINY_DATA_MODEL
+    + """[search]
 batch_size = [32]
 epochs = [1]
 decay = ["constant"]
@@ -59,12 +58,7 @@ optimizer = ["sgd"]
 [pruner]
 type = "nop"
 """
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TLOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.delenv("TLOPT_STORAGE", raising=False)
+)
 
 
 def study_file(folder: Path, extra: str = "", base: str = TINY) -> Path:
@@ -457,10 +451,10 @@ def test_nan_learning_rate_prunes_the_trial_and_the_study_goes_on(tmp_path: Path
     assert "loss became" in shown.stdout
 
 
-def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A simulated CUDA OOM (the CPU has none); ``test_real_cuda_oom`` does it on a GPU."""
+def _first_trial_runs_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_out: Callable[[], None], **work: Any
+) -> tuple[Any, optuna.trial.FrozenTrial]:
+    """A head study whose first trial calls ``run_out`` before training: (summary, trial 0)."""
     from tlopt.tune import worker
 
     storage = f"sqlite:///{tmp_path}/s.db"
@@ -471,15 +465,26 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(
     def first_runs_out(trial: optuna.Trial, ctx: object) -> float:
         calls.append(trial.number)
         if len(calls) == 1:
-            raise torch.cuda.OutOfMemoryError(
-                "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total)"
-            )
+            run_out()
         return real(trial, ctx)  # type: ignore[arg-type]
 
     monkeypatch.setattr(worker, "objective", first_runs_out)
-    summary = worker.work("tiny/head", storage)
+    summary = worker.work("tiny/head", storage, **work)
+    return summary, optuna.load_study(study_name="tiny/head", storage=storage).trials[0]
+
+
+def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A simulated CUDA OOM (the CPU has none); ``test_real_cuda_oom`` does it on a GPU."""
+
+    def simulated() -> None:
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total)"
+        )
+
+    summary, failed = _first_trial_runs_out(tmp_path, monkeypatch, simulated)
     assert (summary.failed, summary.complete) == (1, 2)
-    failed = optuna.load_study(study_name="tiny/head", storage=storage).trials[0]
     assert failed.state == TrialState.FAIL
     assert "CUDA out of memory" in failed.user_attrs["tlopt.error"]
 
@@ -490,23 +495,12 @@ def test_real_cuda_oom_fails_one_trial_and_the_worker_goes_on(
 ) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from tlopt.tune import worker
 
-    storage = f"sqlite:///{tmp_path}/s.db"
-    studies.create(load_config(study_file(tmp_path)), "head", storage)
-    real = worker.objective
-    calls: list[int] = []
+    def real() -> None:  # a real allocation far beyond any GPU (4 TB)
+        torch.empty(2**40, dtype=torch.float32, device="cuda")
 
-    def first_runs_out(trial: optuna.Trial, ctx: object) -> float:
-        calls.append(trial.number)
-        if len(calls) == 1:  # a real allocation far beyond any GPU (4 TB)
-            torch.empty(2**40, dtype=torch.float32, device="cuda")
-        return real(trial, ctx)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(worker, "objective", first_runs_out)
-    summary = worker.work("tiny/head", storage, device="cuda")
+    summary, failed = _first_trial_runs_out(tmp_path, monkeypatch, real, device="cuda")
     assert (summary.failed, summary.complete) == (1, 2)
-    failed = optuna.load_study(study_name="tiny/head", storage=storage).trials[0]
     assert "OutOfMemoryError" in failed.user_attrs["tlopt.error"]
 
 

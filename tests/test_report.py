@@ -24,6 +24,7 @@ from optuna.artifacts import get_all_artifact_meta
 from optuna_dashboard import get_note
 from PIL import Image
 
+from tests.conftest import TINY_DATA_MODEL
 from tlopt.config import load_config
 from tlopt.export.bundle import export_best
 from tlopt.report import write_report
@@ -33,17 +34,14 @@ from tlopt.tune import study as studies
 from tlopt.tune.storage import artifact_store
 from tlopt.tune.worker import work
 
-STAGES = """
+STAGES = (
+    """
 name = "rep"
 seed = 3
 n_trials = 4
-[data]
-source = "digits"
-image_size = 16
-[model]
-backbone = "test_efficientnet"
-weights = "none"
-[search]
+"""
+    + TINY_DATA_MODEL
+    + """[search]
 batch_size = [32, 64]
 epochs = [2, 3]
 decay = ["constant", "exponential"]
@@ -60,6 +58,7 @@ type = "median"
 n_startup_trials = 2
 n_warmup_steps = 0
 """
+)
 SECTIONS = ("curves", "params", "history", "overfitting", "walltime")
 
 

@@ -19,23 +19,21 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tests.conftest import TINY_DATA_MODEL
 from tlopt.config import load_config
 from tlopt.tune import study as studies
 from tlopt.tune.worker import work
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """
+CONFIG = (
+    """
 name = "svc"
 seed = 1
 n_trials = {n_trials}
-[data]
-source = "digits"
-image_size = 16
-[model]
-backbone = "test_efficientnet"
-weights = "none"
-[search]
+"""
+    + TINY_DATA_MODEL
+    + """[search]
 batch_size = [32, 64]
 epochs = [{epochs}]
 decay = ["constant", "exponential"]
@@ -47,11 +45,7 @@ type = "nop"
 heartbeat_interval = 1
 grace_period = 4
 """
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TLOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+)
 
 
 def make_config(tmp_path: Path, n_trials: int, epochs: int) -> Path:

@@ -18,11 +18,6 @@ from tlopt.tune.worker import work
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.toml"))
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TLOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def image_folder(root: Path, split: bool, classes: int = 3, per_class: int = 8) -> Path:
     rng = np.random.default_rng(0)
     splits = {"train": per_class, "val": 3} if split else {"": per_class}

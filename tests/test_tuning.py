@@ -19,6 +19,7 @@ import torch
 from optuna.trial import TrialState
 
 import tlopt
+from tests.conftest import TINY_DATA_MODEL
 from tlopt.config import load_config
 from tlopt.errors import StudyError
 from tlopt.export.bundle import FILES, export_best
@@ -27,17 +28,14 @@ from tlopt.train.data import ImageSet
 from tlopt.tune import study as studies
 from tlopt.tune.worker import work
 
-TINY = """
+TINY = (
+    """
 name = "tiny"
 seed = 3
 n_trials = 6
-[data]
-source = "digits"
-image_size = 16
-[model]
-backbone = "test_efficientnet"
-weights = "none"
-[search]
+"""
+    + TINY_DATA_MODEL
+    + """[search]
 batch_size = [32]
 epochs = [4]
 decay = ["constant", "exponential"]
@@ -53,11 +51,7 @@ type = "median"
 n_startup_trials = 1
 n_warmup_steps = 0
 """
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TLOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+)
 
 
 @pytest.fixture

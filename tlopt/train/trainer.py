@@ -121,7 +121,10 @@ class _Inputs:
                 index = torch.arange(start, min(start + 256, n), device=self.data.images.device)
                 flip = torch.full_like(index, flipped, dtype=torch.bool)
                 with _autocast(self.data.images.device):
-                    chunks.append(self.split.prefix(self.data.batch(index, flip)).float())
+                    z = self.split.prefix(self.data.batch(index, flip)).float()
+                # Feature maps are kept as NHWC, so that a gathered batch is channels_last
+                # (see fit) without a copy per step; pooled vectors stay as they are.
+                chunks.append(z.permute(0, 2, 3, 1).contiguous() if z.dim() == 4 else z)
             out.append(torch.cat(chunks))
         return torch.stack(out)
 
@@ -132,9 +135,9 @@ class _Inputs:
                 with torch.no_grad():
                     x = self.split.prefix(x)
             return x
-        # One gather; view 1 holds the mirror images.
+        # One gather; view 1 holds the mirror images. NHWC maps are viewed back as NCHW.
         x = self.cached[0, index] if flip is None else self.cached[flip.long(), index]
-        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        return x.permute(0, 3, 1, 2) if x.dim() == 4 else x
 
 
 def compiled(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> Any:
@@ -210,7 +213,8 @@ def fit(
         should_stop: checked before every batch; when it returns True, ``Interrupted``.
         compile: run the trainable part through ``torch.compile``; on CUDA in mode
             "reduce-overhead", which captures the step as a CUDA graph per batch size (the
-            small-batch cure); compiled once per process and shape, reused by later trials.
+            small-batch cure). Whether a later trial reuses the compiled code is up to
+            torch's guards (unmeasured without a GPU).
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite.

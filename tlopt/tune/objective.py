@@ -84,10 +84,8 @@ def train_trial(
             compile=ctx.compile,
         )
     except NonFiniteLoss as exc:
-        _set_history(trial, history)
-        trial.set_user_attr(ATTR + "prune_reason", str(exc))
         _drop_checkpoint(trial, ctx)
-        raise optuna.TrialPruned(str(exc)) from None
+        raise _pruned_by(trial, history, exc) from None
     except optuna.TrialPruned:
         _drop_checkpoint(trial, ctx)
         raise
@@ -169,9 +167,7 @@ def head_objectives(
     ready = _pooled_features(ctx, mirror=any(s.params.flip for s in setups))
     if ready is None:
         return None
-    split, features, val_features = ready
-    head = split.classifier
-    assert isinstance(head, nn.Linear)
+    weight, bias, features, val_features = ready
     histories: list[list[EpochRecord]] = [[] for _ in trials]
     outcomes: list[float | BaseException] = [0.0] * len(trials)
     for kind in sorted({s.params.optimizer for s in setups}):
@@ -184,11 +180,11 @@ def head_objectives(
 
         results = fit_heads(
             [HeadTask(setups[i].params, setups[i].dropout) for i in group],
-            head.weight,
-            head.bias,
+            weight,
+            bias,
             features,
             train.labels,
-            val_features[0],
+            val_features,
             val.labels,
             seed=ctx.config.seed,
             on_epoch=on_epoch,
@@ -196,9 +192,7 @@ def head_objectives(
         )
         for i, result in zip(group, results, strict=True):
             if isinstance(result, NonFiniteLoss):
-                _set_history(trials[i], histories[i])
-                trials[i].set_user_attr(ATTR + "prune_reason", str(result))
-                outcomes[i] = optuna.TrialPruned(str(result))
+                outcomes[i] = _pruned_by(trials[i], histories[i], result)
             elif isinstance(result, BaseException):
                 outcomes[i] = result
             else:
@@ -228,19 +222,33 @@ def can_batch_heads(ctx: StudyContext) -> bool:
 
 def _pooled_features(
     ctx: StudyContext, mirror: bool
-) -> tuple[SplitModel, torch.Tensor, torch.Tensor] | None:
-    """(split model with the seeded initial head, train features, val features) or None."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(seeded initial head weight and bias, train features, val features) or None.
+
+    Kept in the study's prefix cache: every batch of head trials starts from the same seeded
+    head on the same features, so the model is built and run once per worker, not per batch.
+    """
+    key = f"pooled-heads|mirror={mirror}"
+    if key not in ctx.prefix_cache:
+        ctx.prefix_cache[key] = _compute_pooled_features(ctx, mirror)
+    return ctx.prefix_cache[key]  # type: ignore[no-any-return]
+
+
+def _compute_pooled_features(
+    ctx: StudyContext, mirror: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     model = ctx.build_model(0.0)  # dropout is per trial, in fit_heads
     set_train_mode(model, False)  # the prefix runs as fit runs it: BatchNorm on running stats
     train, val = ctx.split("train"), ctx.split("val")
     split = SplitModel(model, int(train.images.shape[1]))
-    if split.mode != "pooled" or not isinstance(split.classifier, nn.Linear):
+    head = split.classifier
+    if split.mode != "pooled" or not isinstance(head, nn.Linear):
         return None
     features = _Inputs(split, train, mirror, ctx.prefix_cache).cached
     val_features = _Inputs(split, val, False, ctx.prefix_cache).cached
     if features is None or val_features is None:
         return None
-    return split, features, val_features
+    return head.weight.detach(), head.bias.detach(), features, val_features[0]
 
 
 def _finish(
@@ -311,6 +319,15 @@ def _report(
         reason = f"{ctx.config.pruner.type} pruner at epoch {record.epoch}"
         retrying("recording a prune", lambda: trial.set_user_attr(ATTR + "prune_reason", reason))
         raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
+
+
+def _pruned_by(
+    trial: optuna.trial.BaseTrial, history: list[EpochRecord], exc: NonFiniteLoss
+) -> optuna.TrialPruned:
+    """Record a non-finite loss as the trial's prune reason, with its history so far."""
+    _set_history(trial, history)
+    trial.set_user_attr(ATTR + "prune_reason", str(exc))
+    return optuna.TrialPruned(str(exc))
 
 
 def _set_history(trial: optuna.trial.BaseTrial, history: list[EpochRecord]) -> None:
