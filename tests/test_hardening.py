@@ -501,7 +501,7 @@ def test_real_cuda_oom_fails_one_trial_and_the_worker_goes_on(
 
     summary, failed = _first_trial_runs_out(tmp_path, monkeypatch, real, device="cuda")
     assert (summary.failed, summary.complete) == (1, 2)
-    assert "OutOfMemoryError" in failed.user_attrs["tlopt.error"]
+    assert "CUDA out of memory" in failed.user_attrs["tlopt.error"]
 
 
 # --- 6: security ------------------------------------------------------------------------------
