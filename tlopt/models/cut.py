@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
-from timm.models._features import FeatureListNet
+from timm.models import FeatureListNet
 from torch import nn
 
 from tlopt.errors import ConfigError

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from timm.models._manipulate import group_modules
+from timm.models import group_modules
 from torch import nn
 
 from tlopt.errors import ConfigError

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tlopt.errors import TloptError
-from tlopt.train.schedules import lr_factor
+from tlopt.train.schedules import lr_factor, warmup_factor
 from tlopt.train.trainer import (
     OPTIMIZERS,
     EpochRecord,
@@ -139,6 +139,8 @@ def fit_heads(
     optimizer = _Optimizer(kinds.pop(), tasks, [weight.shape, bias.shape], device)
     generators = [torch.Generator(device=device).manual_seed(seed) for _ in tasks]
     lr = torch.zeros(k, device=device)
+    epoch_lr, step_lr = [0.0] * k, [0.0] * k
+    smoothing = torch.tensor([t.params.label_smoothing for t in tasks], device=device)
     histories: list[list[EpochRecord]] = [[] for _ in tasks]
     best: list[dict] = [
         {"loss": math.inf, "accuracy": 0.0, "epoch": -1, "state": {}} for _ in tasks
@@ -151,7 +153,7 @@ def fit_heads(
         began = time.perf_counter()
         for i in active:
             p = tasks[i].params
-            lr[i] = p.lr * lr_factor(p.decay, epoch, p.epochs, **p.decay_params)
+            epoch_lr[i] = p.lr * lr_factor(p.decay, epoch, p.epochs, **p.decay_params)
         orders = {i: torch.randperm(n, generator=generators[i], device=device) for i in active}
         sizes = {i: tasks[i].params.batch_size for i in active}
         steps = max(math.ceil(n / sizes[i]) for i in active)
@@ -164,6 +166,13 @@ def fit_heads(
             rows = [i for i in active if s * sizes[i] < n and i not in failed]
             if not rows:
                 continue
+            rates = list(step_lr)
+            for i in rows:  # the trial's own steps: warm-up by its step count, as fit does
+                progress = epoch + (s + 1) / math.ceil(n / sizes[i])
+                rates[i] = epoch_lr[i] * warmup_factor(progress, tasks[i].params.warmup_epochs)
+            if rates != step_lr:  # a copy to the device only while some rate changes
+                step_lr = rates
+                lr = torch.tensor(step_lr, device=device)
             xs, ys, counts = [], [], []
             for i in rows:
                 index = orders[i][s * sizes[i] : (s + 1) * sizes[i]]
@@ -182,7 +191,7 @@ def fit_heads(
             x, y, valid = _pad(xs, ys, counts)
             r = torch.tensor(rows, device=device)
             logits = torch.baddbmm(b[r].unsqueeze(1), x, w[r].transpose(1, 2))
-            per_item = F.cross_entropy(logits.transpose(1, 2), y, reduction="none") * valid
+            per_item = _smoothed_cross_entropy(logits, y, smoothing[r]) * valid
             count = valid.sum(1)
             losses = per_item.sum(1) / count
             finite = torch.isfinite(losses)
@@ -234,7 +243,7 @@ def fit_heads(
                 int(correct[i]) / n,
                 val_loss,
                 val_acc,
-                float(lr[i]),
+                step_lr[i],
                 seconds,
             )
             histories[i].append(record)
@@ -271,6 +280,19 @@ def fit_heads(
         epoch += 1
     assert all(o is not None for o in outcome)
     return outcome  # type: ignore[return-value]
+
+
+def _smoothed_cross_entropy(
+    logits: torch.Tensor, y: torch.Tensor, smoothing: torch.Tensor
+) -> torch.Tensor:
+    """Per-item cross-entropy of ``[K, B, C]`` logits, each trial with its label smoothing.
+
+    torch's formula (``F.cross_entropy(label_smoothing=e)``): ``(1 - e) * nll + e * mean(-log p)``.
+    """
+    logp = F.log_softmax(logits, dim=2)
+    nll = -logp.gather(2, y.unsqueeze(2)).squeeze(2)
+    e = smoothing.view(-1, 1)
+    return (1 - e) * nll + e * -logp.mean(2)
 
 
 def _pad(

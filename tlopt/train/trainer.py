@@ -7,6 +7,7 @@ may raise to stop, as the tuning layer does to prune), and may pass a checkpoint
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from torch import nn
 from tlopt.models.split import SplitModel
 from tlopt.models.stages import frozen_module_set, set_train_mode
 from tlopt.train.data import ImageSet
-from tlopt.train.schedules import lr_factor
+from tlopt.train.schedules import layer_scales, lr_factor, warmup_factor
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 # Prefix outputs above this size are recomputed per batch instead of kept (bytes).
@@ -50,6 +51,9 @@ class TrainParams:
     patience: int = 0  # 0: no early stopping
     flip: bool = True
     bn_train: bool = False  # BatchNorm in train mode (batch statistics); see set_train_mode
+    warmup_epochs: float = 0.0  # linear warm-up of the rate, per step (fractions allowed)
+    layer_decay: float = 1.0  # rate scale per timm block group from the head down; 1: off
+    label_smoothing: float = 0.0  # of the training loss; validation loss stays plain
 
 
 @dataclass
@@ -76,8 +80,33 @@ class FitResult:
     stopped_early: bool = False
 
 
-def make_optimizer(params: TrainParams, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer named in ``params`` over ``parameters``."""
+def param_groups(model: nn.Module, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """The trainable parameters in groups with their ``lr_scale``, one group per timm layer.
+
+    Layers are timm's block groups (``group_matcher(coarse=True)``: the stem, each block
+    group, then the head), the head scaled 1 and each layer below it ``layer_decay`` times the
+    one above (:func:`~tlopt.train.schedules.layer_scales`). Parameters no group matches (the
+    new classifier) belong to the head. ``layer_decay = 1`` gives one group.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matcher = getattr(model, "group_matcher", None)
+    if layer_decay == 1.0 or matcher is None:
+        return [{"params": [p for _, p in trainable], "lr_scale": 1.0}]
+    from timm.models import group_parameters
+
+    layer_of: dict[str, int] = group_parameters(model, matcher(coarse=True), reverse=True)
+    num_layers = max(layer_of.values(), default=0) + 1
+    scales = layer_scales(num_layers, layer_decay)
+    groups: dict[int, list[nn.Parameter]] = {}
+    for name, p in trainable:
+        groups.setdefault(layer_of.get(name, num_layers - 1), []).append(p)
+    return [{"params": ps, "lr_scale": scales[i]} for i, ps in sorted(groups.items())]
+
+
+def make_optimizer(
+    params: TrainParams, parameters: list[nn.Parameter] | list[dict[str, Any]]
+) -> torch.optim.Optimizer:
+    """The optimizer named in ``params`` over ``parameters`` (tensors or param groups)."""
     if params.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=params.lr, weight_decay=params.weight_decay)
     if params.optimizer == "adamw":
@@ -151,10 +180,17 @@ def compiled(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -
 
 
 def _autocast(device: torch.device) -> Any:
-    # bf16 on CUDA (the reference H100 figures); float32 on the CPU, where bf16 is slower.
-    if device.type == "cuda":
+    # bf16 on CUDA devices that support it (the reference H100 figures); float32 elsewhere:
+    # on the CPU bf16 is slower, and fp16 on older GPUs would need a gradient scaler.
+    if device.type == "cuda" and _bf16_supported(device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu", enabled=False)
+
+
+@functools.cache
+def _bf16_supported(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def _mutable_keys(model: nn.Module) -> list[str]:
@@ -173,17 +209,19 @@ def _mutable_keys(model: nn.Module) -> list[str]:
 def evaluate(
     split: SplitModel, inputs: _Inputs, labels: torch.Tensor, batch_size: int = 256
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a whole split."""
+    """Mean cross-entropy and accuracy over a whole split (one read from the device)."""
     set_train_mode(split.model, False)
-    total_loss, correct, n = 0.0, 0, int(labels.shape[0])
+    n = int(labels.shape[0])
+    total = torch.zeros(2, device=labels.device, dtype=torch.float64)  # loss sum, correct
     with torch.no_grad():
         for start in range(0, n, batch_size):
             index = torch.arange(start, min(start + batch_size, n), device=labels.device)
             with _autocast(labels.device):
                 logits = split.rest(inputs.get(index, None)).float()
-            total_loss += F.cross_entropy(logits, labels[index], reduction="sum").item()
-            correct += int((logits.argmax(1) == labels[index]).sum().item())
-    return total_loss / max(n, 1), correct / max(n, 1)
+            total[0] += F.cross_entropy(logits, labels[index], reduction="sum")
+            total[1] += (logits.argmax(1) == labels[index]).sum()
+    loss_sum, correct = total.tolist()
+    return loss_sum / max(n, 1), correct / max(n, 1)
 
 
 def fit(
@@ -198,26 +236,31 @@ def fit(
     cache: dict[str, Any] | None = None,
     should_stop: Callable[[], bool] | None = None,
     compile: bool = False,
+    record_start: bool = False,
 ) -> FitResult:
     """Train the trainable part of ``model`` and keep the weights of the best validation epoch.
 
     Args:
         model: a timm model with a stage applied (``requires_grad`` set).
         train, val: the splits, on the training device.
-        params: batch size, epochs, optimizer, schedule, early stopping.
+        params: batch size, epochs, optimizer, schedule, warm-up, layer decay, early stopping.
         seed: seeds shuffling, flips and dropout; the same seed gives the same history on CPU.
         on_epoch: called after each epoch with its record and a function returning a
             checkpoint (for ``resume``); it may raise to stop training.
-        resume: a checkpoint from ``on_epoch`` to continue from.
+        resume: a checkpoint from ``on_epoch`` to continue from (tensors on any device).
         cache: a dict kept by the caller to reuse frozen-prefix outputs across runs.
         should_stop: checked before every batch; when it returns True, ``Interrupted``.
         compile: run the trainable part through ``torch.compile``; on CUDA in mode
             "reduce-overhead", which captures the step as a CUDA graph per batch size (the
             small-batch cure). Whether a later trial reuses the compiled code is up to
             torch's guards (unmeasured without a GPU).
+        record_start: evaluate the model before the first step and record it as epoch 0
+            (train figures NaN, learning rate 0): where a fine-tuning stage starts, i.e. the
+            head it inherited. Epoch 0 never counts as the best epoch.
 
     Raises:
-        NonFiniteLoss: the loss became NaN or infinite.
+        NonFiniteLoss: the loss became NaN or infinite (checked once an epoch: a check per
+            step would make the host wait for the device at every step).
     """
     device = train.images.device
     # channels_last: the layout cuDNN and oneDNN convolve fastest (+10-15% measured on a
@@ -231,20 +274,26 @@ def fit(
     train_in = _Inputs(split, train, params.flip, cache)
     val_in = _Inputs(split, val, False, cache)
     rest = compiled(split.rest, device) if compile else split.rest
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, trainable)
+    optimizer = make_optimizer(params, param_groups(model, params.layer_decay))
     keys = _mutable_keys(model)
     history: list[EpochRecord] = []
     best: dict[str, Any] = {"loss": math.inf, "accuracy": 0.0, "epoch": -1, "state": {}}
-    start_epoch = 0
     if resume is not None:
         model.load_state_dict(resume["model"], strict=False)
         optimizer.load_state_dict(resume["optimizer"])
         history = [EpochRecord(**r) for r in resume["history"]]
         best = resume["best"]
-        start_epoch = len(history)
-        torch.set_rng_state(resume["rng"])
-        generator.set_state(resume["generator"])
+        _set_rng_states(resume, generator, device)
+    elif record_start:
+        began = time.perf_counter()
+        val_loss, val_acc = evaluate(split, val_in, val.labels)
+        nan = float("nan")
+        history.append(
+            EpochRecord(0, nan, nan, val_loss, val_acc, 0.0, time.perf_counter() - began)
+        )
+        if on_epoch is not None:
+            on_epoch(history[-1], lambda: {})
+    start_epoch = history[-1].epoch if history else 0
 
     def checkpoint() -> dict[str, Any]:
         state = model.state_dict()
@@ -253,47 +302,52 @@ def fit(
             "optimizer": copy.deepcopy(optimizer.state_dict()),
             "history": [r.as_dict() for r in history],
             "best": best,
-            "rng": torch.get_rng_state(),
-            "generator": generator.get_state(),
+            **_rng_states(generator, device),
         }
 
+    n = len(train)
+    steps = math.ceil(n / params.batch_size)
     stopped_early = False
     for epoch in range(start_epoch, params.epochs):
         began = time.perf_counter()
         lr = params.lr * lr_factor(params.decay, epoch, params.epochs, **params.decay_params)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         set_train_mode(model, True, params.bn_train)
-        n = len(train)
         order = torch.randperm(n, generator=generator, device=device)
-        loss_sum, correct = 0.0, 0
-        for start in range(0, n, params.batch_size):
+        # Running sums stay on the device, read once at the epoch's end (no per-step sync).
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for s in range(steps):
             if should_stop is not None and should_stop():
                 raise Interrupted(f"stopped in epoch {epoch + 1}")
-            index = order[start : start + params.batch_size]
+            step_lr = lr * warmup_factor(epoch + (s + 1) / steps, params.warmup_epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr * group["lr_scale"]
+            index = order[s * params.batch_size : (s + 1) * params.batch_size]
             flip = None
             if params.flip:
                 flip = torch.rand(index.shape[0], generator=generator, device=device) < 0.5
             with _autocast(device):
                 logits = rest(train_in.get(index, flip)).float()
-            loss = F.cross_entropy(logits, train.labels[index])
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"training loss became {loss.item()} in epoch {epoch + 1}")
+            labels = train.labels[index]
+            loss = F.cross_entropy(logits, labels, label_smoothing=params.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * index.shape[0]
-            correct += int((logits.argmax(1) == train.labels[index]).sum().item())
+            loss_sum += loss.detach().double() * index.shape[0]
+            correct += (logits.detach().argmax(1) == labels).sum()
+        train_loss = float(loss_sum) / n
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(f"training loss became {train_loss} in epoch {epoch + 1}")
         val_loss, val_acc = evaluate(split, val_in, val.labels)
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(f"validation loss became {val_loss} in epoch {epoch + 1}")
         record = EpochRecord(
             epoch + 1,
-            loss_sum / n,
-            correct / n,
+            train_loss,
+            int(correct) / n,
             val_loss,
             val_acc,
-            lr,
+            step_lr,
             time.perf_counter() - began,
         )
         history.append(record)
@@ -315,3 +369,25 @@ def fit(
     return FitResult(
         history, best["epoch"], best["loss"], best["accuracy"], best["state"], stopped_early
     )
+
+
+def _rng_states(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every random stream a step draws from, as CPU byte tensors (resumable on any device).
+
+    The shuffling and flips come from ``generator``; dropout from torch's global generator of
+    the device (the CPU's, and on CUDA the current device's).
+    """
+    states = {"rng": torch.get_rng_state(), "generator": generator.get_state().cpu()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(
+    checkpoint: dict[str, Any], generator: torch.Generator, device: torch.device
+) -> None:
+    """Restore :func:`_rng_states`; the states may have been loaded onto any device."""
+    torch.set_rng_state(checkpoint["rng"].cpu())
+    generator.set_state(checkpoint["generator"].cpu())
+    if device.type == "cuda" and "cuda_rng" in checkpoint:
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"].cpu(), device)

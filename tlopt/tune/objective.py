@@ -33,7 +33,7 @@ from tlopt.train.trainer import (
 )
 from tlopt.tune.context import ATTR, StudyContext
 from tlopt.tune.resilience import retrying
-from tlopt.tune.space import suggest
+from tlopt.tune.space import TrialSetup, suggest
 
 log = logging.getLogger("tlopt.worker")
 
@@ -50,6 +50,8 @@ def train_trial(
     its worker died inherits the attribute and resumes from that epoch.
     """
     setup = suggest(trial, ctx.space, ctx.stage.name)
+    if can_batch_heads(ctx):
+        return _train_head(trial, ctx, setup, report)
     params, dropout = setup.params, setup.dropout
     model = ctx.build_model(dropout, setup.cut)
     live = isinstance(trial, optuna.Trial)
@@ -65,7 +67,7 @@ def train_trial(
             _report(trial, ctx, record, params.epochs, history)  # type: ignore[arg-type]
         else:
             _log_epoch(trial, record, params.epochs)
-        if checkpoints and record.epoch < params.epochs:
+        if checkpoints and 0 < record.epoch < params.epochs:
             assert isinstance(trial, optuna.Trial)
             state = checkpoint()
             retrying("saving a checkpoint", lambda: _save_checkpoint(trial, ctx, state))
@@ -82,6 +84,8 @@ def train_trial(
             resume=resume,
             should_stop=ctx.should_stop,
             compile=ctx.compile,
+            # Fine-tuning starts from the best head: epoch 0 records where it starts.
+            record_start=ctx.stage.from_head,
         )
     except NonFiniteLoss as exc:
         _drop_checkpoint(trial, ctx)
@@ -92,6 +96,57 @@ def train_trial(
     if checkpoints:
         _drop_checkpoint(trial, ctx)
     return params, dropout, result, model
+
+
+def _train_head(
+    trial: optuna.trial.BaseTrial, ctx: StudyContext, setup: TrialSetup, report: bool
+) -> tuple[TrainParams, float, FitResult, nn.Module]:
+    """A head trial alone, through the batched head trainer as a batch of one.
+
+    The same computation as a trial trained among others (``head_objectives``): a trial's
+    stream does not depend on its batch mates, so export-best retrains a head trial to the
+    value it was tuned to, dropout included.
+    """
+    history: list[EpochRecord] = []
+
+    def on_epoch(_: int, record: EpochRecord) -> None:
+        history.append(record)
+        if report:
+            _report(trial, ctx, record, setup.params.epochs, history)  # type: ignore[arg-type]
+        else:
+            _log_epoch(trial, record, setup.params.epochs)
+
+    (result,) = _fit_heads(ctx, [setup], on_epoch)
+    if isinstance(result, NonFiniteLoss):
+        raise _pruned_by(trial, history, result)
+    if isinstance(result, BaseException):
+        raise result
+    model = ctx.build_model(setup.dropout, setup.cut)
+    model.get_submodule(classifier_name(model)).load_state_dict(result.best_state)
+    return setup.params, setup.dropout, result, model
+
+
+def _fit_heads(
+    ctx: StudyContext,
+    setups: list[TrialSetup],
+    on_epoch: Callable[[int, EpochRecord], None],
+) -> list[FitResult | BaseException]:
+    """``fit_heads`` over the study's cached pooled features (one optimizer kind)."""
+    ready = _pooled_features(ctx, mirror=any(ctx.space.flip))
+    assert ready is not None, "can_batch_heads said yes"
+    weight, bias, features, val_features = ready
+    return fit_heads(
+        [HeadTask(s.params, s.dropout) for s in setups],
+        weight,
+        bias,
+        features,
+        ctx.split("train").labels,
+        val_features,
+        ctx.split("val").labels,
+        seed=ctx.config.seed,
+        on_epoch=on_epoch,
+        should_stop=ctx.should_stop,
+    )
 
 
 def _save_checkpoint(trial: optuna.Trial, ctx: StudyContext, state: dict) -> None:
@@ -126,7 +181,8 @@ def _load_checkpoint(trial: optuna.trial.BaseTrial, ctx: StudyContext) -> dict[s
             )  # type: ignore[attr-defined]
             return None
         # weights_only: a checkpoint is tensors and plain numbers, never arbitrary pickles.
-        state: dict[str, Any] = torch.load(path, map_location=ctx.device, weights_only=True)
+        # Onto the CPU: the RNG states must stay CPU byte tensors, and fit places the rest.
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
         return state
 
 
@@ -162,12 +218,9 @@ def head_objectives(
     the caller to run the trials one at a time.
     """
     began = time.perf_counter()
-    setups = [suggest(t, ctx.space, "head") for t in trials]
-    train, val = ctx.split("train"), ctx.split("val")
-    ready = _pooled_features(ctx, mirror=any(s.params.flip for s in setups))
-    if ready is None:
+    if not can_batch_heads(ctx):
         return None
-    weight, bias, features, val_features = ready
+    setups = [suggest(t, ctx.space, "head") for t in trials]
     histories: list[list[EpochRecord]] = [[] for _ in trials]
     outcomes: list[float | BaseException] = [0.0] * len(trials)
     for kind in sorted({s.params.optimizer for s in setups}):
@@ -178,18 +231,7 @@ def head_objectives(
             histories[i].append(record)
             _report(trials[i], ctx, record, setups[i].params.epochs, histories[i])
 
-        results = fit_heads(
-            [HeadTask(setups[i].params, setups[i].dropout) for i in group],
-            weight,
-            bias,
-            features,
-            train.labels,
-            val_features,
-            val.labels,
-            seed=ctx.config.seed,
-            on_epoch=on_epoch,
-            should_stop=ctx.should_stop,
-        )
+        results = _fit_heads(ctx, [setups[i] for i in group], on_epoch)
         for i, result in zip(group, results, strict=True):
             if isinstance(result, NonFiniteLoss):
                 outcomes[i] = _pruned_by(trials[i], histories[i], result)

@@ -56,6 +56,9 @@ def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace, stage: str = "hea
         patience=space.patience,
         flip=bool(_pick(trial, "flip", space.flip)),
         bn_train=space.bn_train if space.bn_train is not None else stage == "scratch",
+        warmup_epochs=float(_pick(trial, "warmup_epochs", space.warmup_epochs)),
+        layer_decay=float(_pick(trial, "layer_decay", space.layer_decay)),
+        label_smoothing=float(_pick(trial, "label_smoothing", space.label_smoothing)),
     )
     dropout = float(_pick(trial, "dropout", space.dropout))
     cut = int(_pick(trial, "cut", space.cut)) if space.cut else None
@@ -73,6 +76,9 @@ def space_size(space: SearchSpace) -> int | None:
         space.dropout,
         space.weight_decay,
         space.momentum,
+        space.warmup_epochs,
+        space.layer_decay,
+        space.label_smoothing,
     ):
         if isinstance(choice, FloatRange):
             return None
