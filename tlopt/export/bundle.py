@@ -9,7 +9,8 @@ The folder holds::
     classification_report.txt
     loss.png accuracy.png lr.png confusion_matrix.png
     descriptors.npy   (N, D) float32, one row per image of every split
-    descriptors.csv   row, key, label, class, split
+    descriptors.csv   row, path, label, class, split (path: relative to the data folder, or
+                      "digits/0123" for a built-in set)
     manifest.json     params, seed, versions, data fingerprint, tuned vs retrained value
 """
 
@@ -29,14 +30,14 @@ import optuna
 import timm
 import torch
 from safetensors.torch import load_file, save_file
-from timm.models._hub import save_for_hf
+from timm.models import save_for_hf
 from torch import nn
 
 import tlopt
 from tlopt.errors import TloptError
 from tlopt.export.descriptors import predict
 from tlopt.export.plots import confusion_plot, history_plots
-from tlopt.models.backbones import create_backbone
+from tlopt.models.backbones import create_backbone, data_config
 from tlopt.models.cut import CutModel
 from tlopt.train.data import ImageSet
 from tlopt.train.metrics import classification_metrics
@@ -120,6 +121,8 @@ def export_best(
             "backbone": ctx.config.model.backbone,
             "weights": ctx.config.model.weights,
             "image_size": ctx.config.data.image_size,
+            "preprocessing": _data_config(ctx),
+            "data_path": str(ctx.source.root) if ctx.source.root is not None else None,
             "classes": ctx.classes,
             "data_fingerprint": ctx.source.fingerprint,
             "tuned_value": best.value,
@@ -147,7 +150,13 @@ def export_best(
     return manifest
 
 
+def _data_config(ctx: StudyContext) -> dict[str, Any]:
+    """The preprocessing the model trained with: its image size, crop, mean and std."""
+    return data_config(ctx.config.data.image_size, ctx.mean, ctx.std)
+
+
 def _write_model(model: nn.Module, folder: Path, ctx: StudyContext) -> None:
+    """timm's format, with the trained preprocessing in ``pretrained_cfg``."""
     folder.mkdir()
     cpu = model.to("cpu").to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     if isinstance(cpu, CutModel):
@@ -157,7 +166,12 @@ def _write_model(model: nn.Module, folder: Path, ctx: StudyContext) -> None:
             "tlopt_cut": cpu.cut,
             "num_classes": len(ctx.classes),
             "label_names": ctx.classes,
-            "pretrained_cfg": {k: v for k, v in cpu.pretrained_cfg.items() if k != "state_dict"},
+            "pretrained_cfg": {
+                **{k: v for k, v in cpu.pretrained_cfg.items() if k != "state_dict"},
+                **_data_config(ctx),
+                "num_classes": len(ctx.classes),
+                "label_names": ctx.classes,
+            },
         }
         (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
         state = {k: v.contiguous() for k, v in cpu.state_dict().items()}
@@ -169,6 +183,7 @@ def _write_model(model: nn.Module, folder: Path, ctx: StudyContext) -> None:
         str(folder),
         model_config={"label_names": ctx.classes, "num_classes": len(ctx.classes)},
         safe_serialization=True,
+        data_config=_data_config(ctx),
     )
     model.to(ctx.device)
 
@@ -208,28 +223,65 @@ def _write_descriptors(model: nn.Module, ctx: StudyContext, folder: Path) -> Non
     np.save(folder / "descriptors.npy", descriptors.astype(np.float32))
     with open(folder / "descriptors.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["row", "key", "label", "class", "split"])
+        writer.writerow(["row", "path", "label", "class", "split"])
         for row, item in enumerate(ctx.source.items):
             writer.writerow([row, item.key, item.label, ctx.classes[item.label], item.split])
 
 
+def model_folder(path: str | Path) -> Path:
+    """The ``model/`` folder of an export (or ``path`` itself when it is that folder)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise TloptError(
+            f"model folder '{path}' does not exist: pass the folder written by "
+            "'tlopt export-best --out'"
+        )
+    folder = folder / "model" if (folder / "model" / "config.json").is_file() else folder
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise TloptError(
+            f"'{path}' is not a tlopt export (no model/config.json and model.safetensors): pass "
+            "the folder written by 'tlopt export-best --out'"
+        )
+    return folder
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """``config.json`` of a model folder; a tlopt export names its classes there."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TloptError(
+            f"cannot read '{folder / 'config.json'}' ({type(exc).__name__}): export the model "
+            "again with 'tlopt export-best'"
+        ) from None
+    if not isinstance(config, dict) or not config.get("label_names"):
+        raise TloptError(
+            f"'{folder / 'config.json'}' names no classes (label_names): it was not written by "
+            "'tlopt export-best'; export the model with it"
+        )
+    return config
+
+
 def load_model(path: str | Path) -> nn.Module:
     """A model exported by ``export-best``, in eval mode, with ``label_names`` in its config."""
-    folder = Path(path)
-    folder = folder / "model" if (folder / "model" / "config.json").is_file() else folder
-    if not (folder / "config.json").is_file():
+    folder = model_folder(path)
+    config = read_config(folder)
+    try:
+        if "tlopt_cut" in config:
+            model = create_backbone(
+                config["architecture"], "none", config["num_classes"], cut=config["tlopt_cut"]
+            )
+            model.load_state_dict(load_file(str(folder / "model.safetensors")))
+            model.pretrained_cfg = config["pretrained_cfg"]
+        else:
+            model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    except TloptError:
+        raise
+    except Exception as exc:  # timm and safetensors raise many kinds on a damaged export
         raise TloptError(
-            f"'{path}' is not a tlopt export (no model/config.json): pass the "
-            "folder written by 'tlopt export-best --out'"
-        )
-    config = json.loads((folder / "config.json").read_text())
-    if "tlopt_cut" in config:
-        model = create_backbone(
-            config["architecture"], "none", config["num_classes"], cut=config["tlopt_cut"]
-        )
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        model.pretrained_cfg = config["pretrained_cfg"]
-    else:
-        model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+            f"cannot load the model in '{folder}' ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}): export it again with "
+            "'tlopt export-best'"
+        ) from None
     model.eval()
     return model

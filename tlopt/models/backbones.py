@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -209,3 +210,31 @@ def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...
     """Mean and std the pretrained weights expect, from timm's pretrained config."""
     cfg = timm.data.resolve_model_data_config(model)
     return tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+# How tlopt.data.images.resize_square fits an image: the shorter side resized to the image size
+# (bilinear), then the centre square. timm's eval transform does the same with these settings.
+TLOPT_INTERPOLATION = "bilinear"
+TLOPT_CROP_PCT = 1.0
+TLOPT_CROP_MODE = "center"
+
+
+def data_config(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+    """The preprocessing a model was trained with, as timm's data-config keys.
+
+    Saved in an export's ``pretrained_cfg`` so that ``timm.data.resolve_model_data_config`` and
+    ``timm.data.create_transform`` on the loaded model (and ``tlopt extract``/``predict``)
+    prepare images as tlopt's training did.
+
+    Example:
+        >>> data_config(48, (0.5,) * 3, (0.5,) * 3)["input_size"]
+        (3, 48, 48)
+    """
+    return {
+        "input_size": (3, image_size, image_size),
+        "interpolation": TLOPT_INTERPOLATION,
+        "crop_pct": TLOPT_CROP_PCT,
+        "crop_mode": TLOPT_CROP_MODE,
+        "mean": tuple(mean),
+        "std": tuple(std),
+    }
