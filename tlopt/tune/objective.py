@@ -308,7 +308,7 @@ def _finish(
         ATTR + "train_params": {**dataclasses.asdict(params), "dropout": dropout},
         "val_accuracy": result.best_val_accuracy,
         "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
+        "epochs_run": sum(r.epoch > 0 for r in result.history),
         "seconds": round(seconds, 3),
     }
     for key, value in attrs.items():

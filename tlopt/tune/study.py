@@ -289,6 +289,21 @@ def list_studies(storage_url: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+# A fine-tuning trial whose first epoch falls this far below the head it started from
+# (accuracy, points) has wrecked that head: its rate or warm-up is wrong for fine-tuning.
+HEAD_LOSS_POINTS = 2.0
+
+
+def head_lost(history: list[dict[str, float]]) -> float | None:
+    """Accuracy points a fine-tuning trial's first epoch lost against its epoch 0 (the head).
+
+    None when the history has no epoch 0 (a head trial) or no epoch 1 yet.
+    """
+    if len(history) < 2 or history[0].get("epoch") != 0:
+        return None
+    return round(100 * (history[0]["val_accuracy"] - history[1]["val_accuracy"]), 2)
+
+
 def show(name: str, storage_url: str | None = None) -> dict[str, Any]:
     """The study's attributes and its trials (state, params, value, accuracy, epochs, time)."""
     study = load(name, storage_url)
@@ -304,9 +319,10 @@ def show(name: str, storage_url: str | None = None) -> dict[str, Any]:
                 "params": t.params,
                 "value": t.value,
                 "val_accuracy": t.user_attrs.get("val_accuracy"),
-                "epochs_run": len(t.user_attrs.get("history", [])),
+                "epochs_run": sum(h.get("epoch", 1) > 0 for h in t.user_attrs.get("history", [])),
                 "seconds": seconds,
                 "note": t.user_attrs.get(ATTR + "prune_reason") or t.user_attrs.get(ATTR + "error"),
+                "head_lost": head_lost(t.user_attrs.get("history", [])),
             }
         )
     attrs = {k[len(ATTR) :]: v for k, v in study.user_attrs.items() if k.startswith(ATTR)}

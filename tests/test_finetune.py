@@ -1,0 +1,195 @@
+"""Fine-tuning that keeps the head: warm-up, layer-wise rates, epoch 0, resume.
+
+Pure functions are checked over small grids; the loop on a tiny timm model (random weights) on
+sklearn's digits, as tests/test_trainer.py does.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_trainer import SIZE, digits  # noqa: F401  (the module-scoped fixture)
+from tlopt.config import load_config
+from tlopt.models.backbones import classifier_name, create_backbone
+from tlopt.models.stages import apply_stage, parse_stage
+from tlopt.train.data import ImageSet
+from tlopt.train.schedules import layer_scales, warmup_factor
+from tlopt.train.trainer import TrainParams, fit, param_groups
+from tlopt.tune.study import head_lost
+
+assert SIZE  # the digits fixture's image size
+
+
+@pytest.mark.parametrize("warmup", [0.0, 0.5, 1.0, 1.5, 3.0])
+def test_warmup_factor_climbs_linearly_then_holds(warmup: float) -> None:
+    steps = 4  # steps per epoch; progress counts the step being taken
+    values = [warmup_factor(e + (s + 1) / steps, warmup) for e in range(5) for s in range(steps)]
+    for k, value in enumerate(values):
+        progress = (k + 1) / steps
+        expected = 1.0 if warmup == 0 or progress >= warmup else progress / warmup
+        assert value == pytest.approx(expected)
+        assert 0 < value <= 1
+    assert values == sorted(values)  # never falls
+    assert values[-1] == 1.0
+
+
+def test_warmup_factor_rejects_negative_inputs() -> None:
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        warmup_factor(1.0, -1.0)
+    with pytest.raises(ValueError, match="progress"):
+        warmup_factor(-0.1, 1.0)
+
+
+def test_layer_scales_small_cases() -> None:
+    assert layer_scales(1, 0.5) == [1.0]
+    assert layer_scales(2, 0.5) == [0.5, 1.0]
+    assert layer_scales(4, 0.5) == [0.125, 0.25, 0.5, 1.0]
+    assert layer_scales(3, 1.0) == [1.0, 1.0, 1.0]
+    for n, decay in itertools.product(range(1, 9), [0.1, 0.46, 0.7, 0.9, 1.0]):
+        scales = layer_scales(n, decay)
+        assert len(scales) == n and scales[-1] == 1.0  # the head at the full rate
+        for lower, upper in itertools.pairwise(scales):
+            assert lower == pytest.approx(upper * decay)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="layer_decay"):
+            layer_scales(3, bad)
+    with pytest.raises(ValueError, match="num_layers"):
+        layer_scales(0, 0.5)
+
+
+def test_param_groups_follow_timm_block_groups() -> None:
+    model = create_backbone("test_efficientnet", "none", num_classes=10)
+    apply_stage(model, parse_stage("freeze1"))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert param_groups(model, 1.0) == [
+        {"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}
+    ]
+    groups = param_groups(model, 0.5)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(trainable)  # every trainable parameter once, no frozen one
+    scales = [g["lr_scale"] for g in groups]
+    assert scales == sorted(scales) and scales[-1] == 1.0 and len(set(scales)) == len(scales)
+    classifier = model.get_submodule(classifier_name(model))
+    head_group = next(g for g in groups if any(p is classifier.weight for p in g["params"]))
+    assert head_group["lr_scale"] == 1.0
+    # The earliest trained block group (blocks.1: freeze1 froze the stem and blocks.0).
+    first = next(
+        g for g in groups if any(p is next(model.blocks[1].parameters()) for p in g["params"])
+    )
+    assert first["lr_scale"] == scales[0] < 1.0
+
+
+def _trained_head(data: tuple[ImageSet, ImageSet]) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = create_backbone("test_efficientnet", "none", num_classes=10)
+    apply_stage(model, parse_stage("head"))
+    fit(model, data[0], data[1], TrainParams(batch_size=16, epochs=8, lr=3e-2), seed=1)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _fine_tune(
+    data: tuple[ImageSet, ImageSet], state: dict[str, torch.Tensor], **kw: object
+) -> list[tuple[float, float]]:
+    model = create_backbone("test_efficientnet", "none", num_classes=10)
+    model.load_state_dict(state)
+    apply_stage(model, parse_stage("freeze1"))
+    params = TrainParams(**{"batch_size": 16, "epochs": 2, "flip": False, **kw})  # type: ignore[arg-type]
+    result = fit(model, data[0], data[1], params, seed=2, record_start=True)
+    return [(r.val_loss, r.val_accuracy) for r in result.history]
+
+
+def test_first_fine_tuning_epoch_keeps_the_head(digits: tuple[ImageSet, ImageSet]) -> None:  # noqa: F811
+    """From a trained head, the first fine-tuning epoch with warm-up and layer decay does not
+    raise the validation loss; the same rate without them does (so the test can fail)."""
+    state = _trained_head(digits)
+    kept = _fine_tune(digits, state, lr=3e-2, warmup_epochs=1.0, layer_decay=0.3)
+    wrecked = _fine_tune(digits, state, lr=3e-2)
+    assert kept[0] == wrecked[0]  # epoch 0: the same head, before any step
+    assert kept[1][0] <= kept[0][0]
+    assert wrecked[1][0] > kept[0][0]
+
+
+def test_epoch_zero_is_the_model_before_any_step(digits: tuple[ImageSet, ImageSet]) -> None:  # noqa: F811
+    state = _trained_head(digits)
+    model = create_backbone("test_efficientnet", "none", num_classes=10)
+    model.load_state_dict(state)
+    apply_stage(model, parse_stage("freeze1"))
+    result = fit(
+        model, digits[0], digits[1], TrainParams(batch_size=16, epochs=1), record_start=True
+    )
+    zero = result.history[0]
+    assert zero.epoch == 0 and np.isnan(zero.train_loss) and zero.lr == 0.0
+    assert [r.epoch for r in result.history] == [0, 1]
+    assert result.best_epoch == 1  # epoch 0 is a record, never the best epoch
+    lost = head_lost([r.as_dict() for r in result.history])
+    assert lost == pytest.approx(100 * (zero.val_accuracy - result.history[1].val_accuracy))
+
+
+def test_resumed_fit_equals_an_uninterrupted_one(
+    digits: tuple[ImageSet, ImageSet],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Stopped after epoch 2 with its checkpoint saved and loaded as the worker does (onto the
+    CPU, weights only), the resumed run has the same history and best weights."""
+    params = TrainParams(batch_size=16, epochs=4, lr=3e-3, warmup_epochs=0.5, layer_decay=0.7)
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        m = create_backbone("test_efficientnet", "none", num_classes=10, drop_rate=0.3)
+        apply_stage(m, parse_stage("freeze1"))
+        return m
+
+    whole = fit(model(), digits[0], digits[1], params, seed=5, record_start=True)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(record: object, checkpoint: object) -> None:
+        if record.epoch == 2:  # type: ignore[attr-defined]
+            torch.save(checkpoint(), tmp_path / "checkpoint.pt")  # type: ignore[operator]
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(
+            model(),
+            digits[0],
+            digits[1],
+            params,
+            seed=5,
+            record_start=True,
+            on_epoch=stop_after_two,
+        )
+    saved = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert saved["rng"].dtype == torch.uint8 and saved["generator"].device.type == "cpu"
+    resumed = fit(model(), digits[0], digits[1], params, seed=5, resume=saved, record_start=True)
+    strip = [{k: v for k, v in r.as_dict().items() if k != "seconds"} for r in whole.history]
+    again = [{k: v for k, v in r.as_dict().items() if k != "seconds"} for r in resumed.history]
+    np.testing.assert_equal(again, strip)
+    assert resumed.best_epoch == whole.best_epoch
+    for key, value in whole.best_state.items():
+        torch.testing.assert_close(resumed.best_state[key], value, rtol=0, atol=0)
+
+
+def test_fine_tuning_stages_default_to_fine_tuning_rates(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[data]\nsource = "digits"\n[search]\nlr = [1e-3, 3e-3]\nlabel_smoothing = [0.1]\n'
+        "[stages.freeze2]\nwarmup_epochs = [0]\nlr = [5e-5]\n"
+    )
+    config = load_config(path)
+    head, freeze1, freeze2 = (config.space_for(s) for s in ("head", "freeze1", "freeze2"))
+    assert (head.lr, head.warmup_epochs, head.layer_decay) == ((1e-3, 3e-3), (0.0,), (1.0,))
+    assert (freeze1.lr, freeze1.warmup_epochs, freeze1.layer_decay) == (
+        (1e-4, 3e-4),
+        (1.0,),
+        (0.7,),
+    )
+    assert freeze1.label_smoothing == (0.1,)  # what [search] sets holds for every stage
+    assert (freeze2.lr, freeze2.warmup_epochs, freeze2.layer_decay) == ((5e-5,), (0,), (0.7,))
+    scratch = config.space_for("scratch")
+    assert scratch.lr == head.lr and scratch.warmup_epochs == (0.0,)
