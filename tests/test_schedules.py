@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tlopt.errors import ConfigError, TloptError
-from tlopt.train import schedules
-from tlopt.train.schedules import (
+from tlopt import schedules
+from tlopt.schedules import (
     DECAY_DEFAULTS,
     DECAY_PARAMS,
     DECAY_TYPES,

@@ -252,6 +252,10 @@ def test_head_trials_train_together(storage_url: str, tiny: Path) -> None:
     path.write_text(TINY.replace('optimizer = ["sgd"]\n', 'optimizer = ["sgd"]\ndropout = [0.0]\n'))
     config = load_config(path)
     studies.create(config, "head", storage_url)
+    # lr 3e-3 is in the study for sure (the sampler might never draw it in 6 trials).
+    optuna.load_study(study_name="tiny/head", storage=storage_url).enqueue_trial(
+        {"lr": 3e-3, "decay": "constant"}
+    )
     summary = work("tiny/head", storage_url, heads_at_once=4)
     assert summary.complete + summary.pruned == 6
     head = optuna.load_study(study_name="tiny/head", storage=storage_url)
@@ -274,3 +278,23 @@ def test_head_trials_train_together(storage_url: str, tiny: Path) -> None:
     alone = optuna.load_study(study_name="tiny/head-alone", storage=storage_url)
     assert alone.trials[0].value == pytest.approx(complete[0].value, rel=1e-4)
     studies.create(config, "freeze1", storage_url)  # starts from the best batched head
+
+
+def test_export_best_of_a_batched_head_study_retrains_to_its_value(
+    storage_url: str, tiny: Path, tmp_path: Path
+) -> None:
+    """Head trials tuned K at a time (the CLI's default), dropout on: export-best's lone
+    retraining of the best one gives its tuned value and accuracy."""
+    path = tiny.with_name("dropout.toml")
+    path.write_text(TINY.replace('optimizer = ["sgd"]\n', 'optimizer = ["sgd"]\ndropout = [0.5]\n'))
+    studies.create(load_config(path), "head", storage_url)
+    result = cli(
+        "worker", "--study", "tiny/head", "--storage", storage_url, "--device", "cpu"
+    )  # the CLI's default --heads-at-once
+    assert result.returncode == 0, result.stderr
+    head = optuna.load_study(study_name="tiny/head", storage=storage_url)
+    best = studies.best_trial(head)
+    manifest = export_best("tiny/head", tmp_path / "export", storage_url, device="cpu")
+    assert manifest["trial"] == best.number
+    assert manifest["retrained_value"] == pytest.approx(best.value, rel=1e-4)
+    assert manifest["retrained_val_accuracy"] == pytest.approx(best.user_attrs["val_accuracy"])

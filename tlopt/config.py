@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ from typing import Any
 import tomllib
 
 from tlopt.errors import ConfigError
+from tlopt.names import DATA_SOURCES, OPTIMIZERS, PRUNERS, parse_stage, weights_problem
+from tlopt.schedules import DECAY_TYPES, validate_decay_params
 
-DATA_SOURCES = ("folder", "digits", "cifar10")
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 # Batch sizes are powers of two: each one is a separate compiled/captured shape on a GPU, and
 # the reference projects searched 8, 16 and 32.
 BATCH_SIZES = tuple(2**k for k in range(1, 11))
@@ -167,10 +168,20 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def load_config(path: str | Path, data_path: str | None = None) -> StudyConfig:
+# Checks of what only a heavier layer can judge (is the backbone a timm model? does Optuna's
+# pruner take these options?): (model, pruner) -> [(key, problem)]. The caller hands one in
+# (the tuning layer's ``buildable_problems``), so this module imports no torch, timm or Optuna
+# and a study file's problems are still reported all at once.
+Check = Callable[["ModelConfig", "PrunerConfig"], list[tuple[str, str]]]
+
+
+def load_config(
+    path: str | Path, data_path: str | None = None, check: Check | None = None
+) -> StudyConfig:
     """Load and validate a study file; raises ConfigError with one line per problem.
 
-    Relative data paths are resolved against the study file's folder.
+    Relative data paths are resolved against the study file's folder. ``check`` adds the
+    problems of the layers that build models and pruners.
 
     Example:
         >>> cfg = load_config("studies/demo.toml")
@@ -192,7 +203,7 @@ def load_config(path: str | Path, data_path: str | None = None) -> StudyConfig:
                 data["path"] = str(Path(data_path).expanduser().resolve())
             except (RuntimeError, ValueError) as exc:  # unknown '~user', NUL character
                 raise ConfigError(f"--data '{data_path}': not a usable path ({exc})") from None
-    return _Parser(str(path)).study(raw, base_dir=path.parent)
+    return _Parser(str(path), check).study(raw, base_dir=path.parent)
 
 
 def _one_line(text: str) -> str:
@@ -209,8 +220,9 @@ def _one_line(text: str) -> str:
 class _Parser:
     """Walks the raw TOML dict, collecting every problem before raising."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, check: Check | None = None) -> None:
         self.source = source
+        self.check = check
         self.problems: list[str] = []
 
     def fail(self, key: str, message: str) -> None:
@@ -294,23 +306,19 @@ class _Parser:
         name = self.text(raw, "name", "study", "")
         if "/" in name or not name:
             self.fail("name", f"'{name}' must be non-empty and contain no '/' (stages add it)")
-        seed = self.number(raw, "seed", 0, int, 0, 2**32 - 1, "")
-        n_trials = self.number(raw, "n_trials", 20, int, 1, 1_000_000, "")
-        timeout = self.number(raw, "timeout", 0.0, float, 0, 1e9, "")
+        d = StudyConfig(name)
+        seed = self.number(raw, "seed", d.seed, int, 0, 2**32 - 1, "")
+        n_trials = self.number(raw, "n_trials", d.n_trials, int, 1, 1_000_000, "")
+        timeout = self.number(raw, "timeout", d.timeout, float, 0, 1e9, "")
         data = self.data(self.table(raw, "data"), base_dir)
         model = self.model(self.table(raw, "model"))
         search = self.search(self.table(raw, "search"), "search.", SearchSpace())
         stages: dict[str, dict[str, Any]] = {}
         for stage, table in self.table(raw, "stages").items():
-            from tlopt.models.stages import parse_stage
-
             try:
                 parse_stage(stage)
             except ConfigError as exc:
-                self.fail(f"stages.{stage[:40]}", str(exc))
-                continue
-            except ValueError:  # "freeze" and more digits than int() reads (4,300)
-                self.fail(f"stages.{stage[:40]}", "unknown stage: the freeze count is too large")
+                self.fail(f"stages.{stage[:40]}", str(exc)[:200])
                 continue
             if not isinstance(table, dict):
                 self.fail(f"stages.{stage}", "must be a table")
@@ -319,6 +327,9 @@ class _Parser:
             stages[stage] = {k: getattr(merged, k) for k in table if hasattr(merged, k)}
         pruner = self.pruner(self.table(raw, "pruner"))
         storage = self.storage(self.table(raw, "storage"), base_dir)
+        if self.check is not None:
+            for key, problem in self.check(model, pruner):
+                self.fail(key, problem)
         if self.problems:
             raise ConfigError("\n".join(self.problems))
         return StudyConfig(
@@ -328,8 +339,9 @@ class _Parser:
     def data(self, raw: dict[str, Any], base_dir: Path | None) -> DataConfig:
         w = "data."
         self.known(raw, [f for f in DataConfig.__dataclass_fields__], w)
-        source = self.text(raw, "source", "folder", w, DATA_SOURCES)
-        path = self.text(raw, "path", "", w)
+        d = DataConfig()
+        source = self.text(raw, "source", d.source, w, DATA_SOURCES)
+        path = self.text(raw, "path", d.path, w)
         if source in ("folder", "cifar10") and not path:
             self.fail(f"{w}path", f"source '{source}' needs a path to the data folder")
         if path and base_dir is not None:
@@ -340,34 +352,29 @@ class _Parser:
             else:
                 if not expanded.is_absolute():
                     path = str((base_dir / expanded).resolve())
-        size = self.number(raw, "image_size", 224, int, 8, 2048, w)
-        val = self.number(raw, "val_fraction", 0.2, float, 0.01, 0.9, w)
-        test = self.number(raw, "test_fraction", 0.2, float, 0.0, 0.9, w)
+        size = self.number(raw, "image_size", d.image_size, int, 8, 2048, w)
+        val = self.number(raw, "val_fraction", d.val_fraction, float, 0.01, 0.9, w)
+        test = self.number(raw, "test_fraction", d.test_fraction, float, 0.0, 0.9, w)
         if val + test >= 0.95:
             self.fail(
                 f"{w}val_fraction",
                 f"val_fraction + test_fraction = {val + test:g} "
                 "leaves too little to train on; keep the sum below 0.95",
             )
-        bad = self.number(raw, "max_bad_fraction", 0.1, float, 0.0, 1.0, w)
+        bad = self.number(raw, "max_bad_fraction", d.max_bad_fraction, float, 0.0, 1.0, w)
         return DataConfig(source, path, size, val, test, bad)
 
     def model(self, raw: dict[str, Any]) -> ModelConfig:
-        w = "model."
+        # The backbone's name is checked against timm where models are built (study create):
+        # the parser stays free of torch and timm.
+        w, d = "model.", ModelConfig()
         self.known(raw, [f for f in ModelConfig.__dataclass_fields__], w)
-        backbone = self.text(raw, "backbone", "resnet34", w)
-        weights = self.text(raw, "weights", "pretrained", w)
-        from tlopt.models.backbones import WeightsSpec, check_model_name
-
-        for check, key, value in (
-            (check_model_name, "backbone", backbone),
-            (WeightsSpec.parse, "weights", weights),
-        ):
-            try:
-                check(value)  # type: ignore[operator]
-            except Exception as exc:
-                self.fail(f"{w}{key}", str(exc))
-        freeze = self.number(raw, "freeze_modules", None, int, 0, 100_000, w)
+        backbone = self.text(raw, "backbone", d.backbone, w)
+        weights = self.text(raw, "weights", d.weights, w)
+        problem = weights_problem(weights)
+        if problem:
+            self.fail(f"{w}weights", problem)
+        freeze = self.number(raw, "freeze_modules", d.freeze_modules, int, 0, 100_000, w)
         return ModelConfig(backbone, weights, freeze)
 
     def choices(
@@ -450,8 +457,6 @@ class _Parser:
 
             return check
 
-        from tlopt.train.schedules import DECAY_TYPES, validate_decay_params
-
         decay = self.choices(raw, "decay", base.decay, w, among(DECAY_TYPES))
         decay_params = dict(base.decay_params)
         raw_params = raw.get("decay_params", {})
@@ -516,17 +521,16 @@ class _Parser:
         )
 
     def pruner(self, raw: dict[str, Any]) -> PrunerConfig:
-        w = "pruner."
-        kind = self.text(raw, "type", "median", w)
-        from tlopt.tune.pruners import PRUNERS
-
+        # Options are checked by building the pruner where Optuna is loaded (study create).
+        w, d = "pruner.", PrunerConfig()
+        kind = self.text(raw, "type", d.type, w)
         if kind not in PRUNERS:
-            close = difflib.get_close_matches(kind, list(PRUNERS), n=1)
+            close = difflib.get_close_matches(kind, PRUNERS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             self.fail(f"{w}type", f"'{kind}' is not one of {', '.join(PRUNERS)}{hint}")
-            kind = "median"
-        startup = self.number(raw, "n_startup_trials", 5, int, 0, 100_000, w)
-        warmup = self.number(raw, "n_warmup_steps", 3, int, 0, 100_000, w)
+            kind = d.type
+        startup = self.number(raw, "n_startup_trials", d.n_startup_trials, int, 0, 100_000, w)
+        warmup = self.number(raw, "n_warmup_steps", d.n_warmup_steps, int, 0, 100_000, w)
         options = {
             k: v
             for k, v in raw.items()
@@ -536,12 +540,6 @@ class _Parser:
             options.update(raw["options"])
         elif "options" in raw:
             self.fail(f"{w}options", f"{raw['options']!r} must be a table of pruner arguments")
-        from tlopt.tune.pruners import make_pruner
-
-        try:
-            make_pruner(kind, startup, warmup, options)
-        except (TypeError, ValueError) as exc:
-            self.fail(f"{w}{', '.join(options) or 'type'}", f"pruner '{kind}' rejects it: {exc}")
         return PrunerConfig(kind, startup, warmup, options)
 
     def storage(self, raw: dict[str, Any], base_dir: Path | None) -> StorageConfig:
@@ -549,11 +547,12 @@ class _Parser:
         self.known(raw, [f for f in StorageConfig.__dataclass_fields__], w)
         url = self.text(raw, "url", "", w)
         artifacts = self.text(raw, "artifacts", "", w)
-        interval = self.number(raw, "heartbeat_interval", 30, int, 1, 86_400, w)
-        grace = self.number(raw, "grace_period", 90, int, 2, 864_000, w)
+        d = StorageConfig()
+        interval = self.number(raw, "heartbeat_interval", d.heartbeat_interval, int, 1, 86_400, w)
+        grace = self.number(raw, "grace_period", d.grace_period, int, 2, 864_000, w)
         if grace <= interval:
             self.fail(f"{w}grace_period", f"{grace} must exceed heartbeat_interval ({interval})")
-        retry = self.number(raw, "max_retry", 3, int, 0, 100, w)
+        retry = self.number(raw, "max_retry", d.max_retry, int, 0, 100, w)
         checkpoint = raw.get("checkpoint", True)
         if not isinstance(checkpoint, bool):
             self.fail(f"{w}checkpoint", f"{checkpoint!r} must be true or false")

@@ -32,8 +32,9 @@ from PIL import Image
 
 from tlopt.data.images import bomb_guard, decode_rgb, is_image_file, read_bytes
 from tlopt.errors import BadImage, DataError
+from tlopt.names import DATA_SOURCES
 
-KINDS = ("folder", "digits", "cifar10")
+KINDS = DATA_SOURCES  # the data kinds a study file names
 SPLITS = ("train", "val", "test")
 _VAL_DIR_NAMES = ("val", "valid", "validation")
 _SPLIT_ORDER = {name: rank for rank, name in enumerate(SPLITS)}

@@ -8,7 +8,6 @@ the ``feature_info`` boundaries, so ``freeze1`` means "stem and first block grou
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from timm.models import group_modules
@@ -16,40 +15,18 @@ from torch import nn
 
 from tlopt.errors import ConfigError
 from tlopt.models.backbones import classifier_name
+from tlopt.names import STAGE_FORMS, Stage, parse_stage
 
-STAGE_FORMS = "head, freeze<N> (freeze1, freeze2, ...), full, scratch"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A fine-tuning stage.
-
-    Attributes:
-        name: ``head``, ``freeze<N>``, ``full`` or ``scratch``.
-        frozen_groups: block groups frozen, the stem counted as group 0 (None: all but the head).
-        pretrained: whether the backbone starts from pretrained weights.
-        from_head: whether the head starts from the best ``head`` trial.
-    """
-
-    name: str
-    frozen_groups: int | None
-    pretrained: bool = True
-    from_head: bool = True
-
-
-def parse_stage(name: str) -> Stage:
-    """Parse a stage name; raises ConfigError listing the valid forms."""
-    if name == "head":
-        return Stage("head", None, pretrained=True, from_head=False)
-    if name == "full":
-        return Stage("full", 0)
-    if name == "scratch":
-        return Stage("scratch", 0, pretrained=False, from_head=False)
-    match = re.fullmatch(r"freeze([0-9]{1,4})", name)
-    if match:
-        # freezeN freezes the stem and the first N block groups: N + 1 groups.
-        return Stage(name, int(match.group(1)) + 1)
-    raise ConfigError(f"unknown stage '{name}': use one of {STAGE_FORMS}")
+__all__ = [
+    "STAGE_FORMS",
+    "Stage",
+    "StagePlan",
+    "apply_stage",
+    "block_groups",
+    "frozen_module_set",
+    "parse_stage",
+    "set_train_mode",
+]
 
 
 def block_groups(model: nn.Module) -> list[list[str]]:

@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tlopt.config import StudyConfig
-from tlopt.tune.context import ATTR
+from tlopt.names import ATTR
 
 # The settings the report groups trials by, with the words a reader sees.
 SETTINGS = {"batch_size": "batch size", "epochs": "epochs", "decay": "decay type"}

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tlopt.errors import TloptError
-from tlopt.train.schedules import lr_factor, warmup_factor
+from tlopt.schedules import lr_factor, warmup_factor
 from tlopt.train.trainer import (
     OPTIMIZERS,
     EpochRecord,

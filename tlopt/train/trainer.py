@@ -20,10 +20,10 @@ from torch import nn
 
 from tlopt.models.split import SplitModel
 from tlopt.models.stages import frozen_module_set, set_train_mode
+from tlopt.names import OPTIMIZERS
+from tlopt.schedules import layer_scales, lr_factor, warmup_factor
 from tlopt.train.data import ImageSet
-from tlopt.train.schedules import layer_scales, lr_factor, warmup_factor
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 # Prefix outputs above this size are recomputed per batch instead of kept (bytes).
 CACHE_LIMIT_BYTES = 4 * 2**30
 
@@ -85,7 +85,7 @@ def param_groups(model: nn.Module, layer_decay: float = 1.0) -> list[dict[str, A
 
     Layers are timm's block groups (``group_matcher(coarse=True)``: the stem, each block
     group, then the head), the head scaled 1 and each layer below it ``layer_decay`` times the
-    one above (:func:`~tlopt.train.schedules.layer_scales`). Parameters no group matches (the
+    one above (:func:`~tlopt.schedules.layer_scales`). Parameters no group matches (the
     new classifier) belong to the head. ``layer_decay = 1`` gives one group.
     """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

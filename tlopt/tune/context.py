@@ -23,12 +23,12 @@ from tlopt.config import StudyConfig
 from tlopt.data.cache import decode_source, labels, split_indices
 from tlopt.data.sources import Source, open_source
 from tlopt.errors import StudyError
+from tlopt.names import ATTR
 from tlopt.models.backbones import classifier_name, create_backbone, normalization
 from tlopt.models.stages import Stage, apply_stage, parse_stage
 from tlopt.train.data import ImageSet
 from tlopt.tune.storage import artifact_store
 
-ATTR = "tlopt."  # prefix of every study and trial attribute tlopt writes
 
 
 def cache_dir() -> Path:

@@ -20,7 +20,7 @@ import optuna
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from tlopt.errors import TloptError
-from tlopt.tune.context import ATTR
+from tlopt.names import ATTR
 from tlopt.tune.storage import (
     artifact_store,
     default_artifact_dir,

@@ -31,7 +31,8 @@ from tlopt.train.trainer import (
     _Inputs,
     fit,
 )
-from tlopt.tune.context import ATTR, StudyContext
+from tlopt.names import ATTR
+from tlopt.tune.context import StudyContext
 from tlopt.tune.resilience import retrying
 from tlopt.tune.space import TrialSetup, suggest
 

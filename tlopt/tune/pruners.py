@@ -6,6 +6,8 @@ from typing import Any
 
 import optuna
 
+from tlopt import names
+
 PRUNERS: dict[str, Any] = {
     "median": optuna.pruners.MedianPruner,
     "percentile": optuna.pruners.PercentilePruner,
@@ -15,6 +17,7 @@ PRUNERS: dict[str, Any] = {
     "patient": optuna.pruners.PatientPruner,
     "nop": optuna.pruners.NopPruner,
 }
+assert tuple(PRUNERS) == names.PRUNERS, "tlopt.names.PRUNERS lists the pruners a file may name"
 
 
 def make_pruner(

@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 
 from tlopt.config import Choice, FloatRange, SearchSpace
-from tlopt.train.schedules import DECAY_DEFAULTS
+from tlopt.schedules import DECAY_DEFAULTS
 from tlopt.train.trainer import TrainParams
 
 

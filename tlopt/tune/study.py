@@ -9,14 +9,15 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 import tlopt
-from tlopt.config import StudyConfig
+from tlopt.config import ModelConfig, PrunerConfig, StudyConfig
 from tlopt.errors import ConfigError, StorageError, StudyError, TloptError
+from tlopt.names import ATTR, parse_stage
 from tlopt.tune.pruners import make_pruner
 from tlopt.tune.storage import (
     check_artifact_dir,
@@ -27,13 +28,7 @@ from tlopt.tune.storage import (
     study_names,
 )
 
-if TYPE_CHECKING:
-    from tlopt.models.stages import Stage
-
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-# The prefix of tlopt's attributes, as in tlopt.tune.context (not imported from there: it
-# imports torch, which 'study list', 'show' and 'delete' do not need; they start 4 s sooner).
-ATTR = "tlopt."
 # The study keeps the list of unreadable files for its data report; a folder with more than
 # this many keeps the first ones and the count (the list is one JSON attribute in the database).
 MAX_SKIPPED_LISTED = 1000
@@ -84,6 +79,26 @@ def load(name: str, storage_url: str | None = None) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def buildable_problems(model: ModelConfig, pruner: PrunerConfig) -> list[tuple[str, str]]:
+    """What the torch-free parser cannot judge: the backbone's name, the pruner's options.
+
+    Hand it to ``load_config(check=...)`` to hear of these with the file's other problems.
+    """
+    from tlopt.models.backbones import check_model_name
+
+    problems: list[tuple[str, str]] = []
+    try:
+        check_model_name(model.backbone)
+    except TloptError as exc:
+        problems.append(("model.backbone", str(exc)))
+    try:
+        make_pruner(pruner.type, pruner.n_startup_trials, pruner.n_warmup_steps, pruner.options)
+    except (TypeError, ValueError) as exc:
+        keys = ", ".join(pruner.options) or "type"
+        problems.append((f"pruner.{keys}", f"pruner '{pruner.type}' rejects it: {exc}"))
+    return problems
+
+
 def create(
     config: StudyConfig,
     stage_name: str,
@@ -97,7 +112,10 @@ def create(
     from tlopt.tune.context import open_config_source
     from tlopt.tune.space import space_size
 
-    stage = _parse_stage(stage_name)
+    problems = buildable_problems(config.model, config.pruner)
+    if problems:
+        raise ConfigError("\n".join(f"{key}: {problem}" for key, problem in problems))
+    stage = parse_stage(stage_name)
     url = resolve_url(storage_url, config.storage.url)
     name = name or f"{config.name}/{stage.name}"
     source = open_config_source(config)
@@ -179,18 +197,6 @@ def create(
     _create_whole(storage, name, config, attrs, mask_url(url))
     result.created = True
     return result
-
-
-def _parse_stage(name: str) -> Stage:
-    """``parse_stage`` with every failure as a ConfigError ("freeze" + 5,000 digits included)."""
-    from tlopt.models.stages import parse_stage
-
-    try:
-        return parse_stage(name)
-    except ValueError:  # int() refuses more than 4,300 digits
-        raise ConfigError(
-            f"unknown stage '{name[:20]}...': the freeze count is too large"
-        ) from None
 
 
 def snapshot(config: StudyConfig) -> dict[str, Any]:

@@ -1,0 +1,88 @@
+"""First-epoch and best validation accuracy of one fine-tuning setting, with and without
+warm-up and layer decay, all from the same head and the same seed.
+
+    python scripts/finetune_ablation.py --study hymenoptera/freeze1 --storage sqlite:///x.db \
+        --lr 3e-4 --epochs 10 --batch-size 16
+
+The study must exist (``tlopt study create --stage freeze1``); its trials are not touched:
+every run is a replay through the trainer, as ``export-best`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+
+import optuna
+
+from tlopt.tune.context import StudyContext
+from tlopt.tune.objective import train_trial
+from tlopt.tune.study import load
+
+VARIANTS = [(0.0, 1.0), (1.0, 1.0), (0.0, 0.7), (1.0, 0.7)]  # (warmup_epochs, layer_decay)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", required=True)
+    parser.add_argument("--storage", required=True)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--decay", default="polynomial")
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    ctx = StudyContext(load(args.study, args.storage), args.device)
+    rows = []
+    for warmup, layer_decay in VARIANTS:
+        # Every searched value fixed: the trial replays this one setting.
+        ctx.space = dataclasses.replace(
+            ctx.space,
+            batch_size=(args.batch_size,),
+            epochs=(args.epochs,),
+            lr=(args.lr,),
+            decay=(args.decay,),
+            dropout=(args.dropout,),
+            warmup_epochs=(warmup,),
+            layer_decay=(layer_decay,),
+        )
+        fixed = {k: v[0] for k, v in ctx.space.decay_params.get(args.decay, {}).items()}
+        trial = optuna.trial.FixedTrial({f"{args.decay}.{k}": v for k, v in fixed.items()})
+        _, _, result, _ = train_trial(trial, ctx, report=False)
+        history = result.history
+        rows.append(
+            {
+                "warmup_epochs": warmup,
+                "layer_decay": layer_decay,
+                "epoch0_acc": history[0].val_accuracy,
+                "epoch1_acc": history[1].val_accuracy,
+                "epoch1_val_loss": history[1].val_loss,
+                "best_acc": result.best_val_accuracy,
+                "best_val_loss": result.best_val_loss,
+                "best_epoch": result.best_epoch,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(
+        f"{args.study}: lr {args.lr:g}, {args.epochs} epochs, bs {args.batch_size}, "
+        f"{args.decay}, dropout {args.dropout:g}, seed {ctx.config.seed}"
+    )
+    print("warmup  layer_decay  epoch0 acc  epoch1 acc  epoch1 loss  best acc  best loss  epoch")
+    for r in rows:
+        print(
+            f"{r['warmup_epochs']:>6g}  {r['layer_decay']:>11g}  {r['epoch0_acc']:>10.4f}  "
+            f"{r['epoch1_acc']:>10.4f}  {r['epoch1_val_loss']:>11.4f}  {r['best_acc']:>8.4f}  "
+            f"{r['best_val_loss']:>9.4f}  {r['best_epoch']:>5d}"
+        )
+
+
+if __name__ == "__main__":
+    main()
