@@ -233,6 +233,13 @@ def worker(
         str, typer.Option(help="Trial processes per GPU, or 'auto' to fit them to its memory.")
     ] = "1",
     processes: Annotated[int, typer.Option(help="Worker processes on the CPU.")] = 1,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads per worker process (default: $OMP_NUM_THREADS if set; else, with "
+            "several processes, the cores divided among them; one process: all cores)."
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
     heads_at_once: Annotated[
         int, typer.Option(help="Head studies: trials whose heads train together (1: one by one).")
@@ -246,16 +253,21 @@ def worker(
     ] = False,
 ) -> None:
     """Run trials until the study holds its budget of finished trials."""
-    from tlopt.tune.worker import parse_gpus, supervise, work
+    from tlopt.tune.worker import check_device, parse_gpus, supervise, work
 
+    device = check_device(device)
     gpu_ids = parse_gpus(gpus)
     slots_per_gpu = 0 if per_gpu == "auto" else int(per_gpu) if per_gpu.isdigit() else -1
     if slots_per_gpu < 0 or (slots_per_gpu == 0 and per_gpu != "auto"):
         raise TloptError(f"--per-gpu {per_gpu}: give a number of processes (1, 2, ...) or 'auto'")
     if slots_per_gpu == 0 and not gpu_ids:
         raise TloptError("--per-gpu auto sizes GPU slots: pass --gpus too (e.g. --gpus all)")
-    if processes < 1 or heads_at_once < 1:
-        raise TloptError("--processes and --heads-at-once must be at least 1")
+    if processes < 1 or heads_at_once < 1 or (threads is not None and threads < 1):
+        raise TloptError("--processes, --heads-at-once and --threads must be at least 1")
+    if processes > 1 and not gpu_ids and device not in (None, "", "auto", "cpu"):
+        raise TloptError(
+            f"--processes runs CPU workers; for several on a GPU use --gpus 0 --per-gpu {processes}"
+        )
     if gpu_ids or processes > 1:
         raise typer.Exit(
             supervise(
@@ -268,9 +280,10 @@ def worker(
                 processes,
                 heads_at_once,
                 compile,
+                threads=threads,
             )
         )
-    summary = work(study, storage, n_trials, timeout, device, heads_at_once, compile)
+    summary = work(study, storage, n_trials, timeout, device, heads_at_once, compile, threads)
     typer.echo(
         f"worker done: {summary.complete} complete, {summary.pruned} pruned, "
         f"{summary.failed} failed"

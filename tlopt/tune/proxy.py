@@ -23,8 +23,7 @@ import threading
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, RDBStorage
-from optuna.storages._heartbeat import fail_stale_trials
+from optuna.storages import BaseStorage, RDBStorage, fail_stale_trials
 from optuna.trial import TrialState
 
 from tlopt.errors import StorageError
@@ -107,6 +106,8 @@ class StaleTrialWatcher:
             ):
                 running.add(trial._trial_id)
                 beat = trial.system_attrs.get(BEAT)
+                # A trial seen for the first time gets a heartbeat, beat or not: one whose
+                # worker died before its first beat is then failed after the grace period.
                 if trial._trial_id not in self.seen or self.seen[trial._trial_id] != beat:
                     self.storage.record_heartbeat(trial._trial_id)
                     self.seen[trial._trial_id] = beat

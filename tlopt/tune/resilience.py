@@ -1,8 +1,13 @@
-"""Surviving a storage that goes away for a while (a PostgreSQL restart, a network blip).
+"""Surviving a storage that goes away for a while, and workers that die.
 
 Optuna's RDB storage raises on the first failed statement, and its heartbeat thread dies on
 the first failed heartbeat. tlopt retries storage calls with backoff for a while, and beats
 with a thread that survives failed beats, so a database restart costs a pause, not a worker.
+
+No trial is RUNNING without a heartbeat: a worker records one as soon as it asks for a trial
+(``first_beat``), and the stale check gives one to any RUNNING trial that has none
+(``fail_stale_trials``), so a worker that dies between ``ask`` and its first beat (a segfault,
+the OOM killer while the model is built) leaves a trial that is failed and re-queued too.
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+import optuna
 import sqlalchemy
 from optuna.exceptions import StorageInternalError
-from optuna.storages import BaseStorage
+from optuna.storages import BaseStorage, RDBStorage
+
+# Optuna exports no name for the heartbeat interface of a storage; RDBStorage implements it.
 from optuna.storages._heartbeat import BaseHeartbeat
 
 from tlopt.errors import StorageError
@@ -162,3 +170,55 @@ def heartbeat(storage: BaseStorage, trial_id: int, interval: int | None) -> Iter
     finally:
         stop.set()
         thread.join()
+
+
+def first_beat(storage: BaseStorage, trial_id: int, interval: int | None) -> None:
+    """The heartbeat of a trial just asked for, recorded before anything else can fail.
+
+    Optuna fails only the stale trials that have a heartbeat, so a trial must have one from
+    the moment it is RUNNING. Behind ``tlopt storage proxy`` it is the ``tlopt:beat``
+    attribute, which the proxy turns into a heartbeat.
+    """
+    if isinstance(storage, BaseHeartbeat):
+        if storage.get_heartbeat_interval() is not None:
+            storage.record_heartbeat(trial_id)
+    elif interval is not None:
+        storage.set_trial_system_attr(trial_id, BEAT, -1)  # the beat thread counts from 0
+
+
+# RUNNING trials without a heartbeat row. Optuna has no API for this; the tables are those of
+# its RDB schema (``trial_heartbeats`` since Optuna 2.9).
+_UNBEATEN = sqlalchemy.text(
+    "SELECT t.trial_id, t.number FROM trials t WHERE t.study_id = :study AND "
+    "t.state = 'RUNNING' AND NOT EXISTS "
+    "(SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id) ORDER BY t.number"
+)
+
+
+def unbeaten_trials(storage: RDBStorage, study_id: int) -> list[tuple[int, int]]:
+    """(trial id, number) of the study's RUNNING trials that have no heartbeat."""
+    with storage.engine.connect() as connection:
+        return [(int(i), int(n)) for i, n in connection.execute(_UNBEATEN, {"study": study_id})]
+
+
+def fail_stale_trials(study: optuna.Study, storage: BaseStorage) -> None:
+    """Fail the study's stale trials and re-queue them (the storage's stale-trial callback).
+
+    Optuna's ``fail_stale_trials`` skips a RUNNING trial that has no heartbeat at all: a
+    worker that died before its first beat would leave it RUNNING for ever, and the workers
+    that wait for the running trials would wait for ever too. Such a trial gets a heartbeat
+    here, so it is failed one grace period later unless its worker beats after all. Its age
+    is judged by the database's clock, never by ``datetime_start``, which is the local time
+    of the machine that asked for it (another time zone, another clock).
+    """
+    if isinstance(storage, RDBStorage) and storage.get_heartbeat_interval() is not None:
+        for trial_id, number in unbeaten_trials(
+            storage, storage.get_study_id_from_name(study.study_name)
+        ):
+            log.warning(
+                "trial %d is running without a heartbeat (did its worker die before its "
+                "first beat?): it fails after the grace period unless it beats",
+                number,
+            )
+            storage.record_heartbeat(trial_id)
+    optuna.storages.fail_stale_trials(study)
