@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.test_service import (
+from tests.test_service import (  # noqa: F401 (_kill_leftover_workers: an autouse fixture)
     CONFIG,
+    _kill_leftover_workers,
+    finish,
     finished,
     start_worker,
     states,
@@ -28,7 +31,9 @@ from tests.test_service import (
 )
 from tlopt.config import load_config
 from tlopt.tune import study as studies
-from tlopt.tune.worker import work
+from tlopt.tune.proxy import StaleTrialWatcher
+from tlopt.tune.storage import open_storage
+from tlopt.tune.worker import _over_budget, work
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +91,7 @@ def test_four_workers_behind_the_proxy_share_a_budget(
     # Created through the proxy too: every command takes grpc:// like any storage URL.
     studies.create(load_config(_config(tmp_path, 12, 1)), "head", proxy)
     procs = [start_worker("svc/head", proxy) for _ in range(4)]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    outputs = [finish(p, 900) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[-2000:] for o in outputs]
     counts = states("svc/head", pg_storage_url)  # read back from PostgreSQL itself
     assert finished(counts) == 12, counts
@@ -129,7 +134,7 @@ def test_the_proxy_requeues_a_killed_workers_trial(
         "the proxy to re-queue the killed trial",
     )
     rescuer = start_worker("svc/freeze1", proxy)
-    output, _ = rescuer.communicate(timeout=600)
+    output = finish(rescuer, 600)
     assert rescuer.returncode == 0, output[-3000:]
     study = optuna.load_study(study_name="svc/freeze1", storage=pg_storage_url)
     assert study.trials[killed.number].state == TrialState.FAIL
@@ -140,6 +145,55 @@ def test_the_proxy_requeues_a_killed_workers_trial(
     assert epochs == list(range(1, 13)), epochs  # resumed: no repeated epochs
     assert "resumes after epoch" in output, output[-3000:]
     assert finished(states("svc/freeze1", pg_storage_url)) == 2
+
+
+def _lr(trial: optuna.Trial) -> float:
+    return float(trial.suggest_categorical("lr", [0.1, 0.2]))
+
+
+def test_a_retry_that_loses_the_last_place_is_queued_again_with_its_params(
+    sqlite_storage_url: str,
+) -> None:
+    """Behind the proxy (no budget lock): a heartbeat retry asked over budget is not lost."""
+    storage = open_storage(sqlite_storage_url, 1, 4)
+    study = optuna.create_study(study_name="s", storage=storage)
+    done = study.ask()
+    study.tell(done, _lr(done))  # fills the budget of 1
+    dead = study.ask()
+    _lr(dead)
+    dead.report(0.7, 1)
+    dead.set_user_attr("tlopt.checkpoint", "checkpoint-of-epoch-1")
+    study.tell(dead, state=TrialState.FAIL)  # what the stale check does to a dead worker's
+    optuna.storages.RetryHeartbeatStaleTrialCallback(3, inherit_intermediate_values=True)(
+        study, storage.get_trial(dead._trial_id)
+    )
+    retry = study.ask()  # the retry, asked by a worker that lost the race for the last place
+    assert retry.params == dead.params
+    assert _over_budget(study, storage, retry, budget=1)
+    assert study.trials[retry.number].state == TrialState.FAIL
+    (again,) = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert again.params == dead.params
+    assert again.system_attrs["fixed_params"] == dead.params
+    assert again.system_attrs["failed_trial"] == dead.number
+    assert again.system_attrs["retry_history"] == [dead.number]
+    assert again.user_attrs == {"tlopt.checkpoint": "checkpoint-of-epoch-1"}
+    assert again.intermediate_values == {1: 0.7}
+    asked = study.ask()  # the next worker runs the same point, from its checkpoint
+    assert asked.number == again.number and _lr(asked) == dead.params["lr"]
+
+
+def test_the_proxys_watcher_fails_a_trial_that_never_beat(sqlite_storage_url: str) -> None:
+    """A worker behind the proxy that dies before its first beat: failed, then re-queued."""
+    storage = open_storage(sqlite_storage_url, 1, 2)
+    study = optuna.create_study(study_name="s", storage=storage)
+    orphan = optuna.load_study(study_name="s", storage=sqlite_storage_url).ask()  # no beat
+    watcher = StaleTrialWatcher(storage, every=1)  # type: ignore[arg-type]
+    watcher.sweep()  # first sight: a heartbeat
+    assert study.trials[orphan.number].state == TrialState.RUNNING
+    time.sleep(3.5)
+    watcher.sweep()
+    assert study.trials[orphan.number].state == TrialState.FAIL
+    assert [t.system_attrs["failed_trial"] for t in study.trials[1:]] == [orphan.number]
 
 
 def test_no_proxy_at_the_url_is_one_line(tmp_path: Path) -> None:

@@ -6,13 +6,14 @@ model so that each trial takes about a second.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -22,7 +23,9 @@ from optuna.trial import TrialState
 from tests.conftest import TINY_DATA_MODEL
 from tlopt.config import load_config
 from tlopt.tune import study as studies
-from tlopt.tune.worker import work
+from tlopt.tune.resilience import unbeaten_trials
+from tlopt.tune.storage import open_storage
+from tlopt.tune.worker import _next_trials, make_sampler, work
 
 pytestmark = pytest.mark.slow
 
@@ -54,13 +57,47 @@ def make_config(tmp_path: Path, n_trials: int, epochs: int) -> Path:
     return path
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_workers() -> Iterator[None]:
+    """Whatever a test ends with (a failed wait, a timeout), no worker it started survives it."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the supervisor and every slot it started
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=30)
+
+
 def start_worker(study: str, url: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    """A `tlopt worker` in a process group of its own (see ``finish``)."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "tlopt", "worker", "--study", study, "--storage", url, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
+    _STARTED.append(proc)
+    return proc
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The output of a worker started by ``start_worker`` once it exits.
+
+    On timeout the whole process group is killed (the supervisor and every slot it started),
+    so that a hanging study fails its test instead of outliving it.
+    """
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"worker timed out after {timeout:.0f} s:\n{output[-3000:]}") from None
+    return output
 
 
 def states(study_name: str, url: str) -> dict[TrialState, int]:
@@ -87,7 +124,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
 def test_eight_workers_share_a_budget_of_forty(pg_storage_url: str, tmp_path: Path) -> None:
     studies.create(load_config(make_config(tmp_path, 40, 1)), "head", pg_storage_url)
     proc = start_worker("svc/head", pg_storage_url, "--processes", "8")
-    output, _ = proc.communicate(timeout=900)
+    output = finish(proc, 900)
     assert proc.returncode == 0, output[-3000:]
     counts = states("svc/head", pg_storage_url)
     assert finished(counts) == 40, counts
@@ -129,7 +166,7 @@ def test_sigkill_mid_trial_resumes_from_its_checkpoint(storage_url: str, tmp_pat
     epochs_done = len(killed.intermediate_values)
 
     rescuer = start_worker(name, storage_url)
-    output, _ = rescuer.communicate(timeout=600)
+    output = finish(rescuer, 600)
     assert rescuer.returncode == 0, output[-3000:]
     study = optuna.load_study(study_name=name, storage=storage_url)
     assert study.trials[killed.number].state == TrialState.FAIL  # failed after the grace period
@@ -154,7 +191,7 @@ def test_postgres_restart_while_four_workers_run(
     proc = start_worker("svc/head", pg_storage_url, "--processes", "4")
     wait_until(lambda: finished(states("svc/head", pg_storage_url)) >= 2, 300, "2 trials")
     restart_postgres()
-    output, _ = proc.communicate(timeout=900)
+    output = finish(proc, 900)
     assert proc.returncode == 0, output[-3000:]
     counts = states("svc/head", pg_storage_url)
     assert finished(counts) == 16, counts
@@ -165,7 +202,7 @@ def test_postgres_restart_while_four_workers_run(
 def test_four_workers_on_one_sqlite_file(sqlite_storage_url: str, tmp_path: Path) -> None:
     studies.create(load_config(make_config(tmp_path, 16, 1)), "head", sqlite_storage_url)
     proc = start_worker("svc/head", sqlite_storage_url, "--processes", "4")
-    output, _ = proc.communicate(timeout=900)
+    output = finish(proc, 900)
     assert proc.returncode == 0, output[-3000:]
     assert "database is locked" not in output
     assert finished(states("svc/head", sqlite_storage_url)) == 16
@@ -182,7 +219,7 @@ def test_sigterm_stops_cleanly_and_the_next_worker_retries(
     time.sleep(1.0)
     began = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=60)
+    output = finish(proc, 60)
     assert time.monotonic() - began < 30  # well inside the grace period
     counts = states(name, sqlite_storage_url)
     assert counts.get(TrialState.RUNNING, 0) == 0, counts
@@ -246,8 +283,44 @@ def test_supervisor_restarts_a_slot_whose_process_dies(
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
     victim = int(children.stdout.split()[0])
     os.kill(victim, signal.SIGKILL)
-    output, _ = proc.communicate(timeout=600)
+    output = finish(proc, 600)
     assert proc.returncode == 0, output[-3000:]
     assert "died with -9; restarting" in output
     counts = states(name, sqlite_storage_url)
     assert finished(counts) == 3 and counts.get(TrialState.RUNNING, 0) == 0, counts
+
+
+def test_a_trial_beats_as_soon_as_it_is_asked_for(storage_url: str, tmp_path: Path) -> None:
+    """Asked under the budget lock, a trial has its heartbeat before the lock is released."""
+    config = load_config(make_config(tmp_path, 4, 1))
+    studies.create(config, "head", storage_url)
+    storage = open_storage(storage_url, 1, 4)
+    study = optuna.load_study(study_name="svc/head", storage=storage, sampler=make_sampler(0))
+    trials, done = _next_trials(study, storage, "svc/head", 4, 3, 1)
+    assert len(trials) == 3 and not done
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    study_id = storage.get_study_id_from_name("svc/head")
+    assert unbeaten_trials(storage, study_id) == []
+
+
+def test_a_worker_dead_before_its_first_beat_leaves_a_trial_that_is_retried(
+    storage_url: str, tmp_path: Path
+) -> None:
+    """A worker killed between `ask` and its first heartbeat (a segfault, the OOM killer).
+
+    Its trial is RUNNING without a heartbeat, which Optuna's stale check never fails; the
+    workers that wait for the running trials used to wait for ever (issue 13).
+    """
+    studies.create(load_config(make_config(tmp_path, 2, 1)), "head", storage_url)
+    # The dead worker's trial, asked as a worker asks, but without any heartbeat.
+    orphan = optuna.load_study(study_name="svc/head", storage=storage_url).ask()
+    began = time.monotonic()
+    summary = work("svc/head", storage_url, timeout=60)
+    assert time.monotonic() - began < 50, "the worker waited for the dead worker's trial"
+    assert summary.complete + summary.pruned == 2
+    study = optuna.load_study(study_name="svc/head", storage=storage_url)
+    assert study.trials[orphan.number].state == TrialState.FAIL
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    counts = states("svc/head", storage_url)
+    assert finished(counts) == 2 and counts.get(TrialState.RUNNING, 0) == 0, counts
