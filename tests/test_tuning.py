@@ -140,6 +140,7 @@ def test_stages_prune_chain_and_export(storage_url: str, tiny: Path, tmp_path: P
     assert {r["name"] for r in rows_list} == {"tiny/head", "tiny/freeze1"}
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_one_budget(storage_url: str, tiny: Path) -> None:
     studies.create(load_config(tiny), "head", storage_url)
     done = cli(
@@ -288,10 +289,7 @@ def test_export_best_of_a_batched_head_study_retrains_to_its_value(
     path = tiny.with_name("dropout.toml")
     path.write_text(TINY.replace('optimizer = ["sgd"]\n', 'optimizer = ["sgd"]\ndropout = [0.5]\n'))
     studies.create(load_config(path), "head", storage_url)
-    result = cli(
-        "worker", "--study", "tiny/head", "--storage", storage_url, "--device", "cpu"
-    )  # the CLI's default --heads-at-once
-    assert result.returncode == 0, result.stderr
+    work("tiny/head", storage_url, device="cpu", heads_at_once=8)  # the CLI's default
     head = optuna.load_study(study_name="tiny/head", storage=storage_url)
     best = studies.best_trial(head)
     manifest = export_best("tiny/head", tmp_path / "export", storage_url, device="cpu")
