@@ -153,6 +153,7 @@ def test_tune_runs_the_stages_exports_reports_and_resumes(
         (["shapes", "--stages", "head,freez1"], "unknown stage 'freez1'"),
         (["shapes", "--stages", "freeze1"], "starts from the best head"),
         (["shapes", "--per-gpu", "two"], "--per-gpu two"),
+        (["shapes", "--backbone", "resnet33"], "unknown backbone 'resnet33'"),
     ],
 )
 def test_tune_bad_input_is_one_line_and_exit_2(

@@ -19,8 +19,9 @@ from typing import Any
 
 from tlopt.config import StudyConfig, fine_tunes_from_head, load_config
 from tlopt.errors import ConfigError, TloptError
+from tlopt.names import ATTR, parse_stage
 from tlopt.tune.storage import mask_url, open_storage, resolve_url, sqlite_path, study_names
-from tlopt.tune.study import ATTR, FINISHED, best_trial, create, load, snapshot
+from tlopt.tune.study import FINISHED, best_trial, buildable_problems, create, load, snapshot
 
 DEFAULT_STAGES = "head,freeze1,freeze2"  # the reference projects' stages
 FOLDER_DEFAULTS = {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "image_size": 224}
@@ -73,8 +74,6 @@ def placement(
 
 def parse_stages(text: str) -> list[str]:
     """``"head,freeze1"`` -> the stage names, checked; a fine-tuning stage needs head first."""
-    from tlopt.models.stages import parse_stage
-
     stages = [s.strip() for s in text.split(",") if s.strip()]
     if not stages:
         raise ConfigError(f"--stages '{text}': give stages, e.g. --stages {DEFAULT_STAGES}")
@@ -108,7 +107,10 @@ def build_config(
     default = f"sqlite:///{(out / 'studies.db').expanduser().resolve()}"
     url = resolve_url(storage, raw.get("storage", {}).get("url") or default)
     raw.setdefault("storage", {})["url"] = url
-    return StudyConfig.from_dict(raw, "tlopt tune"), url
+    config = StudyConfig.from_dict(raw, "tlopt tune")
+    if problems := buildable_problems(config.model, config.pruner):  # an unknown backbone
+        raise ConfigError("\n".join(f"{key}: {problem}" for key, problem in problems))
+    return config, url
 
 
 def _key(key: str) -> str:
