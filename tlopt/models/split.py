@@ -13,8 +13,6 @@ empty and the whole model runs every step (correct, just slower).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from timm.models._features import _module_list
@@ -119,15 +117,3 @@ class SplitModel:
         for module in self.body[self.cut :]:
             z = module(z)
         return self.model.forward_head(z)
-
-    def describe(self) -> str:
-        if self.mode == "pooled":
-            return "cached pooled features"
-        if self.mode == "body":
-            return f"cached output of the first {self.cut} of {len(self.body)} modules"
-        return "no frozen prefix"
-
-
-def descriptor_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The pooled vector before the classifier (the seeds' 'descriptor')."""
-    return lambda x: model.forward_head(model.forward_features(x), pre_logits=True)

@@ -66,7 +66,6 @@ class StagePlan:
     """The outcome of applying a stage to a model."""
 
     stage: str
-    frozen_modules: tuple[str, ...]
     trainable_params: int
     total_params: int
 
@@ -109,7 +108,7 @@ def apply_stage(model: nn.Module, stage: Stage, freeze_modules: int | None = Non
             param.requires_grad = _inside(name, classifier)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return StagePlan(stage.name, tuple(frozen), trainable, total)
+    return StagePlan(stage.name, trainable, total)
 
 
 def _inside(name: str, prefix: str) -> bool:

@@ -223,17 +223,12 @@ def _create_whole(
     where: str,
 ) -> None:
     """Create the study with all its attributes, or leave nothing behind and say why."""
-    pruner = config.pruner
     created = False
     try:
         study = optuna.create_study(
             study_name=name,
             storage=storage,
-            direction="minimize",
-            sampler=optuna.samplers.TPESampler(seed=config.seed),
-            pruner=make_pruner(
-                pruner.type, pruner.n_startup_trials, pruner.n_warmup_steps, pruner.options
-            ),
+            direction="minimize",  # Optuna stores neither sampler nor pruner: workers build them
         )
         created = True
         for key, value in attrs.items():
