@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from tlopt.data.cache import decode_source, labels, split_indices
-from tlopt.data.sources import open_source
+from tlopt.data.source import open_source
 from tlopt.models.backbones import create_backbone, normalization
 from tlopt.models.stages import apply_stage, parse_stage, set_train_mode
 from tlopt.train.data import ImageSet

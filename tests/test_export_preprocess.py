@@ -174,7 +174,7 @@ def test_an_export_from_before_the_fix_uses_the_trained_size(
     """Older exports named the backbone's ImageNet settings (160 px, bicubic, crop 0.95)."""
     import shutil
 
-    from tlopt.data.sources import DataWarning
+    from tlopt.data.source import DataWarning
     from tlopt.export.extract import extract_folder
 
     old = tmp_path / "old"

@@ -533,7 +533,7 @@ def test_torch_load_only_with_weights_only_and_no_code_from_data() -> None:
                 assert not ({"load"} & set(names) and getattr(node, "module", "") == "torch")
     assert loads >= 2  # the weights-file reader and the checkpoint reader
     # The one pickle reader (CIFAR-10 batches) is a restricted Unpickler with an allow-list.
-    source = (ROOT / "tlopt" / "data" / "sources.py").read_text()
+    source = (ROOT / "tlopt" / "data" / "cifar.py").read_text()
     assert "class _BatchUnpickler(pickle.Unpickler)" in source and "def find_class" in source
     # Study files are TOML, read as data: tomllib is the only parser of configs.
     config = (ROOT / "tlopt" / "config.py").read_text()

@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision import transforms
 
 from tlopt.data.cache import decode_source
-from tlopt.data.sources import open_source
+from tlopt.data.source import open_source
 from tlopt.train.data import ImageSet
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.test_export_preprocess import CLASSES, build_export, cli, read_csv
-from tlopt.data.sources import DataWarning
+from tlopt.data.source import DataWarning
 from tlopt.errors import DataError, TloptError
 from tlopt.export.predict import predict_images
 

@@ -2,7 +2,7 @@
 
 ``tlopt.config`` validates a study file against these lists without importing torch, timm or
 Optuna; the modules that build the named things (``tlopt.models.stages``,
-``tlopt.train.trainer``, ``tlopt.tune.pruners``, ``tlopt.data.sources``) use the same lists,
+``tlopt.train.trainer``, ``tlopt.tune.pruners``, ``tlopt.data.source``) use the same lists,
 so a name is accepted by the parser exactly when it can be built.
 """
 

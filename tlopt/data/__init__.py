@@ -1,5 +1,10 @@
 """Data sources, image decoding, the decoded-image cache and the ``data check`` report.
 
+:func:`open_source` (:mod:`~tlopt.data.source`) reads a source through the reader of its kind
+(:mod:`~tlopt.data.folder`, :mod:`~tlopt.data.digits`, :mod:`~tlopt.data.cifar`), which splits
+it with :mod:`~tlopt.data.split`; :mod:`~tlopt.data.images` decodes one file;
+:mod:`~tlopt.data.cache` decodes a whole source once; :mod:`~tlopt.data.check` reports on one.
+
 Example:
     >>> from tlopt.data import decode_source, open_source, split_indices
     >>> source = open_source("folder", "data/flowers", seed=0)  # doctest: +SKIP
@@ -9,11 +14,10 @@ Example:
 from tlopt.data.cache import cache_path, decode_source, labels, split_indices
 from tlopt.data.check import CheckReport, SizeStats, check_source, format_report
 from tlopt.data.images import IMAGE_SUFFIXES, is_image_file, load_rgb, resize_square, to_rgb
-from tlopt.data.sources import KINDS, SPLITS, DataWarning, Item, Source, open_source
+from tlopt.data.source import SPLITS, DataWarning, Item, Source, open_source
 
 __all__ = [
     "IMAGE_SUFFIXES",
-    "KINDS",
     "SPLITS",
     "CheckReport",
     "DataWarning",

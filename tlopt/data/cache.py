@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tlopt.data.images import bomb_guard, resize_square
-from tlopt.data.sources import SPLITS, Item, Source
+from tlopt.data.source import SPLITS, Item, Source
 
 # Images decoded per round of the thread pool: bounds the memory held by finished-but-unwritten
 # results (1,024 images of 224 px are 154 MB) while keeping every thread busy.

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlopt.data.sources import SPLITS, DataWarning, open_source
+from tlopt.data.source import SPLITS, DataWarning, open_source
 from tlopt.errors import DataError
 
 
@@ -94,7 +94,7 @@ def check_source(
 ) -> CheckReport:
     """Open a source as training would, and report on it.
 
-    Unlike :func:`~tlopt.data.sources.open_source`, too many unreadable files do not raise: the
+    Unlike :func:`~tlopt.data.source.open_source`, too many unreadable files do not raise: the
     point of a check is to list them, so the report says whether the limit is passed
     (:attr:`CheckReport.usable`). Other problems raise the same :class:`DataError`.
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tlopt.data.images import bomb_guard, decode_rgb, is_image_file, read_bytes, resize_square
-from tlopt.data.sources import DataWarning
+from tlopt.data.source import DataWarning
 from tlopt.errors import BadImage, DataError, TloptError
 from tlopt.export.descriptors import predict
 from tlopt.models.backbones import TLOPT_CROP_MODE, TLOPT_CROP_PCT, TLOPT_INTERPOLATION

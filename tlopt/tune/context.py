@@ -21,7 +21,7 @@ from torch import nn
 
 from tlopt.config import StudyConfig
 from tlopt.data.cache import decode_source, labels, split_indices
-from tlopt.data.sources import Source, open_source
+from tlopt.data.source import Source, open_source
 from tlopt.errors import StudyError
 from tlopt.names import ATTR
 from tlopt.models.backbones import classifier_name, create_backbone, normalization

@@ -1,0 +1,46 @@
+"""The stratified, seeded split of a source's images into train, val and test."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(n_val, n_test) for a class of ``n`` images: rounded shares, train keeps at least one.
+
+    A requested split gets at least one image when the class has room, so a small class still
+    shows up in validation; train is served first, then val, then test.
+    """
+    n_val = max(round(n * val_fraction), 1 if val_fraction > 0 else 0)
+    n_test = max(round(n * test_fraction), 1 if test_fraction > 0 else 0)
+    while n - n_val - n_test < 1 and n_val + n_test > 0:
+        if n_test > 0 and n_test >= n_val:
+            n_test -= 1
+        else:
+            n_val -= 1
+    return n_val, n_test
+
+
+def assign_splits(
+    keys_by_class: Mapping[str, Sequence[str]], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, str]:
+    """Stratified, seeded split: each class is shuffled on its own and cut by the fractions.
+
+    Each class's generator is seeded from ``seed`` and the class name, so adding a class or an
+    image to one class leaves the other classes' splits as they were.
+
+    Returns:
+        The split (``"train"``, ``"val"`` or ``"test"``) of every key.
+    """
+    split_of: dict[str, str] = {}
+    for name, keys in keys_by_class.items():
+        ordered = sorted(keys)
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8", "surrogateescape"))])
+        shuffled = [ordered[i] for i in rng.permutation(len(ordered))]
+        n_val, n_test = _split_sizes(len(ordered), val_fraction, test_fraction)
+        for rank, key in enumerate(shuffled):
+            split_of[key] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return split_of
