@@ -272,18 +272,12 @@ def resize_square(img: Image.Image, size: int) -> np.ndarray:
     """
     if size < 1:
         raise ValueError(f"size must be at least 1 but got {size}")
-    rgb = to_rgb(img)
-    width, height = rgb.size
-    # The same arithmetic as torchvision's Resize(size) + CenterCrop(size), so that cached
-    # batches equal the usual pipeline's: the long side truncates, the crop offset rounds.
-    short, long = min(width, height), max(width, height)
-    new_long = max(size, int(size * long / short))
-    new_size = (size, new_long) if width <= height else (new_long, size)
-    if new_size != rgb.size:
-        # Pillow's BILINEAR widens its filter when shrinking, which is the antialiasing we want;
-        # reducing_gap=None keeps it exact rather than pre-reducing with a box filter.
-        rgb = rgb.resize(new_size, Image.Resampling.BILINEAR, reducing_gap=None)
-    left = int(round((new_size[0] - size) / 2.0))
-    top = int(round((new_size[1] - size) / 2.0))
-    square = rgb.crop((left, top, left + size, top + size))
+    # torchvision's Resize(size) + CenterCrop(size) themselves, so that cached batches equal
+    # the usual pipeline's (tests/test_pipeline.py pins it). On a PIL image, Resize is Pillow's
+    # BILINEAR, which widens its filter when shrinking (antialiasing). Imported here because
+    # 'tlopt data check' never resizes and so starts without torch.
+    from torchvision.transforms.v2 import functional as tvf
+
+    resized = tvf.resize(to_rgb(img), [size], interpolation=tvf.InterpolationMode.BILINEAR)
+    square = tvf.center_crop(resized, [size, size])
     return np.asarray(square, dtype=np.uint8).reshape(size, size, 3)
