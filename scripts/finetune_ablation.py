@@ -18,7 +18,7 @@ import logging
 import optuna
 
 from tlopt.tune.context import StudyContext
-from tlopt.tune.objective import train_trial
+from tlopt.tune.runner import run_trial
 from tlopt.tune.study import load
 
 VARIANTS = [(0.0, 1.0), (1.0, 1.0), (0.0, 0.7), (1.0, 0.7)]  # (warmup_epochs, layer_decay)
@@ -54,7 +54,7 @@ def main() -> None:
         )
         fixed = {k: v[0] for k, v in ctx.space.decay_params.get(args.decay, {}).items()}
         trial = optuna.trial.FixedTrial({f"{args.decay}.{k}": v for k, v in fixed.items()})
-        _, _, result, _ = train_trial(trial, ctx, report=False)
+        result = run_trial(trial, ctx).result
         history = result.history
         rows.append(
             {

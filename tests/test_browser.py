@@ -26,6 +26,7 @@ import pytest
 from tests.conftest import TINY_DATA_MODEL
 from tlopt.config import load_config
 from tlopt.report import write_report
+from tlopt.report.trial_artifacts import write_trial_artifacts
 from tlopt.tune import study as studies
 from tlopt.tune.worker import work
 
@@ -57,7 +58,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TLOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
         studies.create(load_config(root / "web.toml"), "head", url)
-        work("web/head", url)
+        work("web/head", url, on_trial_done=write_trial_artifacts)
     return url, root
 
 

@@ -17,8 +17,8 @@ from tests.test_trainer import SIZE, digits  # noqa: F401  (the module-scoped fi
 from tlopt.config import load_config
 from tlopt.models.backbones import classifier_name, create_backbone
 from tlopt.models.stages import apply_stage, parse_stage
-from tlopt.train.data import ImageSet
 from tlopt.schedules import layer_scales, warmup_factor
+from tlopt.train.data import ImageSet
 from tlopt.train.trainer import TrainParams, fit, param_groups
 from tlopt.tune.study import head_lost
 

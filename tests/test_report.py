@@ -79,7 +79,7 @@ def stage_studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[s
             queue = optuna.load_study(study_name=f"rep/{stage}", storage=url)
             queue.enqueue_trial({"batch_size": 32, "epochs": 2, "decay": "constant"})
             queue.enqueue_trial({"batch_size": 64, "epochs": 3, "decay": "exponential"})
-            work(f"rep/{stage}", url, n_trials=n)
+            work(f"rep/{stage}", url, n_trials=n, on_trial_done=write_trial_artifacts)
         export_best("rep/freeze1", root / "export", url)
     return url, ["rep/head", "rep/freeze1", "rep/scratch"], root / "export"
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tlopt.errors import ConfigError, TloptError
 from tlopt import schedules
+from tlopt.errors import ConfigError, TloptError
 from tlopt.schedules import (
     DECAY_DEFAULTS,
     DECAY_PARAMS,

@@ -126,9 +126,9 @@ def study_create(
 ) -> None:
     """Create the Optuna study of one stage."""
     from tlopt.config import load_config
-    from tlopt.tune.study import create
+    from tlopt.tune.study import buildable_problems, create
 
-    cfg = load_config(config, data_path=data)
+    cfg = load_config(config, data_path=data, check=buildable_problems)
     plan = create(cfg, stage, storage, name, dry_run=dry_run)
     if as_json:
         _print_json(plan.__dict__)
@@ -197,9 +197,32 @@ def study_show(name: str, storage: StorageOpt = None, as_json: JsonOpt = False) 
     typer.echo(
         _table(
             info["trials"],
-            ["number", "state", "value", "val_accuracy", "epochs_run", "seconds", "params", "note"],
+            [
+                "number",
+                "state",
+                "value",
+                "val_accuracy",
+                "head_lost",
+                "epochs_run",
+                "seconds",
+                "params",
+                "note",
+            ],
         )
     )
+    from tlopt.tune.study import HEAD_LOSS_POINTS
+
+    wrecked = [
+        t
+        for t in info["trials"]
+        if t["head_lost"] is not None and t["head_lost"] > HEAD_LOSS_POINTS
+    ]
+    for t in wrecked:
+        typer.echo(
+            f"warning: trial {t['number']} lost {t['head_lost']:.1f} points of the head's "
+            f"validation accuracy in its first epoch: lower [stages.{attrs.get('stage')}] lr "
+            "or raise warmup_epochs"
+        )
 
 
 @study_app.command("delete")
@@ -283,7 +306,19 @@ def worker(
                 threads=threads,
             )
         )
-    summary = work(study, storage, n_trials, timeout, device, heads_at_once, compile, threads)
+    from tlopt.report.trial_artifacts import write_trial_artifacts
+
+    summary = work(
+        study,
+        storage,
+        n_trials,
+        timeout,
+        device,
+        heads_at_once,
+        compile,
+        threads,
+        on_trial_done=write_trial_artifacts,  # curves and a note per trial, for the dashboard
+    )
     typer.echo(
         f"worker done: {summary.complete} complete, {summary.pruned} pruned, "
         f"{summary.failed} failed"
@@ -439,6 +474,80 @@ def report(
 
     page = write_report(study, out, storage, export)
     typer.echo(f"wrote {page}")
+
+
+@app.command("tune")
+def tune(
+    out: Annotated[Path, typer.Option(help="Run folder: study.toml, export/, report/, ...")],
+    data: Annotated[
+        Path | None, typer.Argument(help="Image folder: one folder per class (or train/, val/).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Study file (TOML) instead of the defaults.")
+    ] = None,
+    stages: Annotated[str, typer.Option(help="Stages in order.")] = "head,freeze1,freeze2",
+    trials: Annotated[
+        int | None, typer.Option(help="Finished trials per stage (default 20).")
+    ] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="timm backbone (default tf_efficientnet_lite0).")
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="pretrained, bundled (default), none or file:PATH.")
+    ] = None,
+    image_size: Annotated[int | None, typer.Option(help="Pixels (default 224).")] = None,
+    epochs: Annotated[
+        str | None, typer.Option(help="Epoch choices, e.g. 10,25 (default 10..150).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the split and training.")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Study name (default: the folder's name).")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Storage URL; default: $TLOPT_STORAGE, else sqlite:///RUN/studies.db."),
+    ] = None,
+    gpus: Annotated[str | None, typer.Option(help="GPU ids ('0,1') or 'all' for workers.")] = None,
+    per_gpu: Annotated[str, typer.Option(help="Worker processes per GPU, or 'auto'.")] = "1",
+    processes: Annotated[int, typer.Option(help="Worker processes on the CPU.")] = 1,
+    heads_at_once: Annotated[int, typer.Option(help="Head trials trained together.")] = 8,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON summary (only that) on stdout.")
+    ] = False,
+) -> None:
+    """Run every stage's study, export the best stage and report them; run again to resume."""
+    import contextlib
+
+    from tlopt.pipeline import placement, stdout_to_stderr
+    from tlopt.pipeline import tune as run
+
+    epoch_list = None
+    if epochs is not None:
+        try:
+            epoch_list = [int(e) for e in epochs.split(",")]
+        except ValueError:
+            raise TloptError(f"--epochs '{epochs}': give whole numbers, e.g. 10,25") from None
+    place = placement(gpus, per_gpu, processes, heads_at_once, device)
+    with stdout_to_stderr() if as_json else contextlib.nullcontext():
+        summary = run(
+            out,
+            data,
+            config,
+            stages,
+            place,
+            say=lambda line: typer.echo(line, err=as_json),
+            name=name,
+            seed=seed,
+            trials=trials,
+            backbone=backbone,
+            weights=weights,
+            image_size=image_size,
+            epochs=epoch_list,
+            storage=storage,
+        )
+    if as_json:
+        _print_json(summary)
 
 
 def _warning_line(message: Warning | str, category: type[Warning], *_args: Any, **_kw: Any) -> None:

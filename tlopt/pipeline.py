@@ -20,6 +20,7 @@ from typing import Any
 from tlopt.config import StudyConfig, fine_tunes_from_head, load_config
 from tlopt.errors import ConfigError, TloptError
 from tlopt.names import ATTR, parse_stage
+from tlopt.report.trial_artifacts import write_trial_artifacts
 from tlopt.tune.storage import mask_url, open_storage, resolve_url, sqlite_path, study_names
 from tlopt.tune.study import FINISHED, best_trial, buildable_problems, create, load, snapshot
 
@@ -193,7 +194,15 @@ def _stage(config: StudyConfig, stage: str, url: str, p: Placement, say: Any) ->
         join = f"tlopt worker --study {name} --storage {mask_url(url)}"
         say(f"stage {stage}: running {budget - before} of {budget} trials (more workers: {join})")
         if not (p.gpus or p.processes > 1):
-            work(name, url, None, None, p.device, p.heads_at_once)
+            work(
+                name,
+                url,
+                None,
+                None,
+                p.device,
+                p.heads_at_once,
+                on_trial_done=write_trial_artifacts,
+            )
         elif supervise(name, url, None, None, p.gpus, p.per_gpu, p.processes, p.heads_at_once):
             raise TloptError(f"the workers of '{name}' failed (see above): run again to resume")
     after = _finished(name, url)

@@ -41,8 +41,10 @@ from tlopt.models.backbones import create_backbone, data_config
 from tlopt.models.cut import CutModel
 from tlopt.train.data import ImageSet
 from tlopt.train.metrics import classification_metrics
+from tlopt.train.trainer import EpochRecord
 from tlopt.tune.context import StudyContext
-from tlopt.tune.objective import train_trial
+from tlopt.tune.runner import log_epoch, train_setup
+from tlopt.tune.space import suggest
 from tlopt.tune.study import best_trial, load
 
 FILES = (
@@ -85,10 +87,14 @@ def export_best(
     best = best_trial(study)
     _prepare_out(out, force)
     ctx = StudyContext(study, device, progress=True)
-    params, dropout, result, model = train_trial(
-        optuna.trial.FixedTrial(best.params, best.number), ctx, report=False
-    )
-    assert isinstance(model, nn.Module)
+    replay = optuna.trial.FixedTrial(best.params, best.number)
+    setup = suggest(replay, ctx.space, ctx.stage.name)
+
+    def on_epoch(record: EpochRecord, _checkpoint: object) -> None:
+        log_epoch(replay, record, setup.params.epochs)
+
+    run = train_setup(setup, ctx, on_epoch)
+    params, dropout, result, model = run.params, run.dropout, run.result, run.model
     history = [r.as_dict() for r in result.history]
     evaluated = "test" if ctx.has_split("test") else "val"
     _, logits = predict(model, ctx.split(evaluated))

@@ -169,6 +169,15 @@ class _Inputs:
         return x.permute(0, 3, 1, 2) if x.dim() == 4 else x
 
 
+def cached_prefix(
+    split: SplitModel, data: ImageSet, mirror: bool, cache: dict[str, Any]
+) -> torch.Tensor | None:
+    """The frozen prefix's outputs for every image of ``data`` (``[views, N, ...]``: view 1
+    the mirror images when ``mirror``), kept in ``cache`` as ``fit`` keeps them; None when
+    they would not fit the cache limit."""
+    return _Inputs(split, data, mirror, cache).cached
+
+
 def compiled(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> Any:
     """``torch.compile(fn)``: CUDA graphs on CUDA ("reduce-overhead"), inductor on the CPU.
 

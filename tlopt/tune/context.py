@@ -23,12 +23,12 @@ from tlopt.config import StudyConfig
 from tlopt.data.cache import decode_source, labels, split_indices
 from tlopt.data.source import Source, open_source
 from tlopt.errors import StudyError
-from tlopt.names import ATTR
 from tlopt.models.backbones import classifier_name, create_backbone, normalization
 from tlopt.models.stages import Stage, apply_stage, parse_stage
+from tlopt.names import ATTR
 from tlopt.train.data import ImageSet
+from tlopt.train.trainer import EpochRecord, TrainParams
 from tlopt.tune.storage import artifact_store
-
 
 
 def cache_dir() -> Path:
@@ -54,10 +54,24 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
+# What the interface does with a finished trial (the report package writes its
+# curves and note): handed in, so that the tuning layer imports no report.
+TrialDone = Callable[[optuna.Trial, "StudyContext", list[EpochRecord], TrainParams], None]
+
+
 class StudyContext:
     """The data on the device, the model factory and the head weights of one study."""
 
-    def __init__(self, study: optuna.Study, device: str | None = None, progress: bool = False):
+    def __init__(
+        self,
+        study: optuna.Study,
+        device: str | None = None,
+        progress: bool = False,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        compile: bool = False,
+        on_trial_done: TrialDone | None = None,
+    ):
         attrs = study.user_attrs
         if ATTR + "config" not in attrs:
             raise StudyError(
@@ -93,9 +107,10 @@ class StudyContext:
         probe = create_backbone(self.config.model.backbone, "none", len(self.classes))
         self.mean, self.std = normalization(probe)
         self.sets: dict[str, ImageSet] = {}
-        self.should_stop: Callable[[], bool] | None = None  # set by the worker
+        self.should_stop = should_stop  # the worker's stop flag, checked every batch
         self.prefix_cache: dict[str, Any] = {}
-        self.compile = False  # tlopt worker --compile: torch.compile / CUDA graphs (trainer)
+        self.compile = compile  # tlopt worker --compile: torch.compile / CUDA graphs (trainer)
+        self.on_trial_done = on_trial_done
 
     def split(self, name: str) -> ImageSet:
         """One split (train, val, test) resident on the device, built once."""
