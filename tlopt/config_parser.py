@@ -1,0 +1,382 @@
+"""The study file's parser: walks the TOML, checks every value, collects every problem.
+
+Every problem is one line, ``FILE: KEY: what is wrong``, and all of them are reported at once
+(:class:`~tlopt.errors.ConfigError`). Defaults come from the dataclasses of ``tlopt.config``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any
+
+from tlopt.config import (
+    BATCH_SIZES,
+    Check,
+    Choice,
+    DataConfig,
+    FloatRange,
+    ModelConfig,
+    PrunerConfig,
+    SearchSpace,
+    StorageConfig,
+    StudyConfig,
+)
+from tlopt.errors import ConfigError
+from tlopt.names import DATA_SOURCES, OPTIMIZERS, PRUNERS, parse_stage, weights_problem
+from tlopt.schedules import DECAY_TYPES, validate_decay_params
+
+
+def _one_line(text: str) -> str:
+    """``text`` with the characters that would break or hide a line escaped (one problem, one line).
+
+    Keys and values come from the user's file: a key may hold a newline, a record separator
+    (which ``str.splitlines`` also splits at) or a terminal escape.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class Parser:
+    """Walks the raw TOML dict, collecting every problem before raising."""
+
+    def __init__(self, source: str, check: Check | None = None) -> None:
+        self.source = source
+        self.check = check
+        self.problems: list[str] = []
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append(_one_line(f"{self.source}: {key}: {message}"))
+
+    def known(self, table: dict[str, Any], allowed: list[str], where: str) -> None:
+        for key in table:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = (
+                    f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(allowed)}"
+                )
+                self.fail(f"{where}{key}", f"unknown key: {hint}")
+
+    def table(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
+        value = raw.get(key, {})
+        if not isinstance(value, dict):
+            self.fail(key, f"must be a table ([{key}]), got {value!r}")
+            return {}
+        return value
+
+    def number(
+        self,
+        raw: dict[str, Any],
+        key: str,
+        default: Any,
+        kind: type,
+        low: float,
+        high: float,
+        where: str,
+    ) -> Any:
+        value = raw.get(key, default)
+        if value is None:
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int:
+            ok = ok and float(value).is_integer()
+        if not ok or not (low <= value <= high) or (isinstance(value, float) and math.isnan(value)):
+            what = "an integer" if kind is int else "a number"
+            self.fail(f"{where}{key}", f"{value!r} is not {what} in [{low:g}, {high:g}]")
+            return default
+        return kind(value)
+
+    def text(
+        self,
+        raw: dict[str, Any],
+        key: str,
+        default: str,
+        where: str,
+        choices: tuple[str, ...] | None = None,
+    ) -> str:
+        value = raw.get(key, default)
+        if not isinstance(value, str):
+            self.fail(f"{where}{key}", f"{value!r} must be a string")
+            return default
+        if "\x00" in value:  # no path, URL or database text field may hold one
+            self.fail(f"{where}{key}", f"{value!r} contains a NUL character (\\u0000)")
+            return default
+        if choices is not None and value not in choices:
+            close = difflib.get_close_matches(value, choices, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            self.fail(f"{where}{key}", f"'{value}' is not one of {', '.join(choices)}{hint}")
+            return default
+        return value
+
+    def study(self, raw: dict[str, Any], base_dir: Path | None) -> StudyConfig:
+        top = [
+            "name",
+            "seed",
+            "n_trials",
+            "timeout",
+            "data",
+            "model",
+            "search",
+            "stages",
+            "pruner",
+            "storage",
+            "description",
+        ]
+        self.known(raw, top, "")
+        name = self.text(raw, "name", "study", "")
+        if "/" in name or not name:
+            self.fail("name", f"'{name}' must be non-empty and contain no '/' (stages add it)")
+        d = StudyConfig(name)
+        seed = self.number(raw, "seed", d.seed, int, 0, 2**32 - 1, "")
+        n_trials = self.number(raw, "n_trials", d.n_trials, int, 1, 1_000_000, "")
+        timeout = self.number(raw, "timeout", d.timeout, float, 0, 1e9, "")
+        data = self.data(self.table(raw, "data"), base_dir)
+        model = self.model(self.table(raw, "model"))
+        search = self.search(self.table(raw, "search"), "search.", SearchSpace())
+        stages: dict[str, dict[str, Any]] = {}
+        for stage, table in self.table(raw, "stages").items():
+            try:
+                parse_stage(stage)
+            except ConfigError as exc:
+                self.fail(f"stages.{stage[:40]}", str(exc)[:200])
+                continue
+            if not isinstance(table, dict):
+                self.fail(f"stages.{stage}", "must be a table")
+                continue
+            merged = self.search(table, f"stages.{stage}.", search)
+            stages[stage] = {k: getattr(merged, k) for k in table if hasattr(merged, k)}
+        pruner = self.pruner(self.table(raw, "pruner"))
+        storage = self.storage(self.table(raw, "storage"), base_dir)
+        if self.check is not None:
+            for key, problem in self.check(model, pruner):
+                self.fail(key, problem)
+        if self.problems:
+            raise ConfigError("\n".join(self.problems))
+        return StudyConfig(
+            name, seed, n_trials, timeout, data, model, search, stages, pruner, storage
+        )
+
+    def data(self, raw: dict[str, Any], base_dir: Path | None) -> DataConfig:
+        w = "data."
+        self.known(raw, [f for f in DataConfig.__dataclass_fields__], w)
+        d = DataConfig()
+        source = self.text(raw, "source", d.source, w, DATA_SOURCES)
+        path = self.text(raw, "path", d.path, w)
+        if source in ("folder", "cifar10") and not path:
+            self.fail(f"{w}path", f"source '{source}' needs a path to the data folder")
+        if path and base_dir is not None:
+            try:
+                expanded = Path(path).expanduser()
+            except RuntimeError:  # '~someone/...' for a user this machine does not know
+                self.fail(f"{w}path", f"'{path}': cannot expand '~' (no such user or no HOME)")
+            else:
+                if not expanded.is_absolute():
+                    path = str((base_dir / expanded).resolve())
+        size = self.number(raw, "image_size", d.image_size, int, 8, 2048, w)
+        val = self.number(raw, "val_fraction", d.val_fraction, float, 0.01, 0.9, w)
+        test = self.number(raw, "test_fraction", d.test_fraction, float, 0.0, 0.9, w)
+        if val + test >= 0.95:
+            self.fail(
+                f"{w}val_fraction",
+                f"val_fraction + test_fraction = {val + test:g} "
+                "leaves too little to train on; keep the sum below 0.95",
+            )
+        bad = self.number(raw, "max_bad_fraction", d.max_bad_fraction, float, 0.0, 1.0, w)
+        return DataConfig(source, path, size, val, test, bad)
+
+    def model(self, raw: dict[str, Any]) -> ModelConfig:
+        # The backbone's name is checked against timm where models are built (study create):
+        # the parser stays free of torch and timm.
+        w, d = "model.", ModelConfig()
+        self.known(raw, [f for f in ModelConfig.__dataclass_fields__], w)
+        backbone = self.text(raw, "backbone", d.backbone, w)
+        weights = self.text(raw, "weights", d.weights, w)
+        problem = weights_problem(weights)
+        if problem:
+            self.fail(f"{w}weights", problem)
+        freeze = self.number(raw, "freeze_modules", d.freeze_modules, int, 0, 100_000, w)
+        return ModelConfig(backbone, weights, freeze)
+
+    def choices(
+        self,
+        raw: dict[str, Any],
+        key: str,
+        default: Any,
+        where: str,
+        check: Any,
+        allow_range: bool = False,
+    ) -> Any:
+        if key not in raw:
+            return default
+        value = raw[key]
+        if allow_range and isinstance(value, dict):
+            self.known(value, ["low", "high", "log"], f"{where}{key}.")
+            low, high, log = value.get("low"), value.get("high"), value.get("log", False)
+            if not isinstance(log, bool):
+                self.fail(f"{where}{key}.log", f"{log!r} must be true or false")
+                return default
+            for bound in (low, high):
+                problem = check(bound)
+                if problem:
+                    self.fail(f"{where}{key}", problem)
+                    return default
+            if low is None or high is None or not low < high:
+                self.fail(f"{where}{key}", f"low ({low}) must be below high ({high})")
+                return default
+            return FloatRange(float(low), float(high), log)
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            self.fail(f"{where}{key}", "is empty: give at least one value")
+            return default
+        ok = True
+        for v in values:
+            problem = check(v)
+            if problem:
+                self.fail(f"{where}{key}", problem)
+                ok = False
+        return tuple(values) if ok else default
+
+    def search(self, raw: dict[str, Any], w: str, base: SearchSpace) -> SearchSpace:
+        self.known(raw, [f for f in SearchSpace.__dataclass_fields__], w)
+
+        def positive_int(high: int, low: int = 1) -> Any:
+            def check(v: Any) -> str | None:
+                if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                    return f"{v!r} is not a whole number between {low} and {high}"
+                return None
+
+            return check
+
+        def batch(v: Any) -> str | None:
+            if v not in BATCH_SIZES or isinstance(v, bool):
+                return f"{v!r} is not one of {', '.join(map(str, BATCH_SIZES))}"
+            return None
+
+        def among(options: tuple[str, ...]) -> Any:
+            def check(v: Any) -> str | None:
+                if v not in options:
+                    close = difflib.get_close_matches(str(v), options, n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    return f"{v!r} is not one of {', '.join(options)}{hint}"
+                return None
+
+            return check
+
+        def real(low: float, high: float, low_open: bool = False) -> Any:
+            def check(v: Any) -> str | None:
+                if (
+                    isinstance(v, bool)
+                    or not isinstance(v, (int, float))
+                    or math.isnan(v)
+                    or not (low < v if low_open else low <= v)
+                    or not v <= high
+                ):
+                    side = "(" if low_open else "["
+                    return f"{v!r} is not a number in {side}{low:g}, {high:g}]"
+                return None
+
+            return check
+
+        decay = self.choices(raw, "decay", base.decay, w, among(DECAY_TYPES))
+        decay_params = dict(base.decay_params)
+        raw_params = raw.get("decay_params", {})
+        if not isinstance(raw_params, dict):
+            self.fail(f"{w}decay_params", "must be a table of tables, one per decay type")
+            raw_params = {}
+        for kind, params in raw_params.items():
+            if kind not in DECAY_TYPES:
+                self.fail(f"{w}decay_params.{kind}", among(DECAY_TYPES)(kind) or "")
+                continue
+            if not isinstance(params, dict):
+                self.fail(f"{w}decay_params.{kind}", "must be a table of parameter values")
+                continue
+            parsed: dict[str, Choice] = {}
+            for pname, pvalue in params.items():
+                values = pvalue if isinstance(pvalue, list) else [pvalue]
+                try:
+                    for v in values:
+                        validate_decay_params(kind, {pname: v})
+                    parsed[pname] = tuple(values)
+                except ConfigError as exc:
+                    self.fail(f"{w}decay_params.{kind}.{pname}", str(exc))
+            decay_params[kind] = parsed
+        patience = raw.get("patience", base.patience)
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            self.fail(f"{w}patience", f"{patience!r} is not a whole number >= 0 (0: off)")
+            patience = base.patience
+
+        def boolean(v: Any) -> str | None:
+            return None if isinstance(v, bool) else f"{v!r} must be true or false"
+
+        flip = self.choices(raw, "flip", base.flip, w, boolean)
+        bn_train = raw.get("bn_train", base.bn_train)
+        if bn_train is not None and not isinstance(bn_train, bool):
+            self.fail(f"{w}bn_train", f"{bn_train!r} must be true or false")
+            bn_train = base.bn_train
+        return SearchSpace(
+            cut=()
+            if raw.get("cut") == []  # the snapshot of "no cut"
+            else self.choices(raw, "cut", base.cut, w, positive_int(64, low=0)),
+            bn_train=bn_train,
+            batch_size=self.choices(raw, "batch_size", base.batch_size, w, batch),
+            epochs=self.choices(raw, "epochs", base.epochs, w, positive_int(10_000)),
+            decay=decay,
+            decay_params=decay_params,
+            lr=self.choices(raw, "lr", base.lr, w, real(0, 10, low_open=True), allow_range=True),
+            optimizer=self.choices(raw, "optimizer", base.optimizer, w, among(OPTIMIZERS)),
+            dropout=self.choices(raw, "dropout", base.dropout, w, real(0, 0.95)),
+            weight_decay=self.choices(
+                raw, "weight_decay", base.weight_decay, w, real(0, 1), allow_range=True
+            ),
+            momentum=self.choices(raw, "momentum", base.momentum, w, real(0, 0.999)),
+            patience=patience,
+            flip=flip,
+            warmup_epochs=self.choices(raw, "warmup_epochs", base.warmup_epochs, w, real(0, 1000)),
+            layer_decay=self.choices(
+                raw, "layer_decay", base.layer_decay, w, real(0, 1, low_open=True)
+            ),
+            label_smoothing=self.choices(
+                raw, "label_smoothing", base.label_smoothing, w, real(0, 0.5)
+            ),
+        )
+
+    def pruner(self, raw: dict[str, Any]) -> PrunerConfig:
+        # Options are checked by building the pruner where Optuna is loaded (study create).
+        w, d = "pruner.", PrunerConfig()
+        kind = self.text(raw, "type", d.type, w)
+        if kind not in PRUNERS:
+            close = difflib.get_close_matches(kind, PRUNERS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            self.fail(f"{w}type", f"'{kind}' is not one of {', '.join(PRUNERS)}{hint}")
+            kind = d.type
+        startup = self.number(raw, "n_startup_trials", d.n_startup_trials, int, 0, 100_000, w)
+        warmup = self.number(raw, "n_warmup_steps", d.n_warmup_steps, int, 0, 100_000, w)
+        options = {
+            k: v
+            for k, v in raw.items()
+            if k not in ("type", "n_startup_trials", "n_warmup_steps", "options")
+        }
+        if isinstance(raw.get("options"), dict):
+            options.update(raw["options"])
+        elif "options" in raw:
+            self.fail(f"{w}options", f"{raw['options']!r} must be a table of pruner arguments")
+        return PrunerConfig(kind, startup, warmup, options)
+
+    def storage(self, raw: dict[str, Any], base_dir: Path | None) -> StorageConfig:
+        w = "storage."
+        self.known(raw, [f for f in StorageConfig.__dataclass_fields__], w)
+        url = self.text(raw, "url", "", w)
+        artifacts = self.text(raw, "artifacts", "", w)
+        d = StorageConfig()
+        interval = self.number(raw, "heartbeat_interval", d.heartbeat_interval, int, 1, 86_400, w)
+        grace = self.number(raw, "grace_period", d.grace_period, int, 2, 864_000, w)
+        if grace <= interval:
+            self.fail(f"{w}grace_period", f"{grace} must exceed heartbeat_interval ({interval})")
+        retry = self.number(raw, "max_retry", d.max_retry, int, 0, 100, w)
+        checkpoint = raw.get("checkpoint", True)
+        if not isinstance(checkpoint, bool):
+            self.fail(f"{w}checkpoint", f"{checkpoint!r} must be true or false")
+            checkpoint = True
+        return StorageConfig(url, artifacts, interval, grace, retry, checkpoint)
