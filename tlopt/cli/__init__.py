@@ -1,7 +1,8 @@
 """The ``tlopt`` command: thin commands over the library.
 
 Each command parses its options, calls one library function and prints. User errors
-(``TloptError``) print one line per problem and exit with code 2; ``--debug`` shows tracebacks.
+(``TloptError``) print one line per problem and exit with code 2; ``--debug`` shows tracebacks,
+``--verbose`` every epoch's log line, ``--quiet`` no progress bars (they show on a terminal only).
 The commands live by topic (data, study, run, export, serve) and register on the groups of
 ``tlopt.cli.apps``.
 """
@@ -10,15 +11,18 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import warnings
 from typing import Any
 
 import typer
+from tqdm.contrib.logging import logging_redirect_tqdm
 from typer._click import exceptions as click_exceptions  # typer vendors click
 
 from tlopt.cli.apps import app
 from tlopt.errors import TloptError
+from tlopt.progress import QUIET_ENV, VERBOSE_ENV
 
 __all__ = ["app", "main"]
 
@@ -33,9 +37,17 @@ def _warning_line(message: Warning | str, category: type[Warning], *_args: Any, 
 
 def main() -> None:
     """Entry point: run the CLI, turning user errors into one-line messages and exit code 2."""
-    debug = "--debug" in sys.argv
-    argv = [a for a in sys.argv[1:] if a != "--debug"]
+    flags = {"--debug", "--verbose", "--quiet"}  # global: anywhere on the line
+    debug, verbose, quiet = (f in sys.argv for f in ("--debug", "--verbose", "--quiet"))
+    argv = [a for a in sys.argv[1:] if a not in flags]
+    if quiet:
+        os.environ[QUIET_ENV] = "1"  # no progress bars, here and in the workers it starts
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    verbose = verbose or os.environ.get(VERBOSE_ENV) == "1"
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Per-epoch lines are DEBUG: the progress bars show the run; --verbose shows every epoch.
+    logging.getLogger("tlopt").setLevel(logging.DEBUG if verbose else logging.INFO)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # tlopt prints its own progress
@@ -44,7 +56,8 @@ def main() -> None:
     warnings.showwarning = _warning_line  # type: ignore[assignment]
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        app(args=argv, prog_name="tlopt", standalone_mode=False)
+        with logging_redirect_tqdm():  # log lines print above the progress bars
+            app(args=argv, prog_name="tlopt", standalone_mode=False)
     except TloptError as exc:
         if debug:
             raise

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from tlopt.data.images import bomb_guard, resize_square
 from tlopt.data.source import SPLITS, Item, Source
+from tlopt.progress import bar
 
 # Images decoded per round of the thread pool: bounds the memory held by finished-but-unwritten
 # results (1,024 images of 224 px are 154 MB) while keeping every thread busy.
@@ -99,12 +99,15 @@ def _build(
             np.save(tmp, np.zeros(shape, dtype=np.uint8))
         else:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            with tqdm(
-                total=shape[0], desc="decoding images", unit="img", disable=not progress
-            ) as bar:
+            with bar(
+                total=shape[0],
+                desc="decoding images",
+                unit="img",
+                disable=None if progress else True,
+            ) as shown:
                 for start, pixels in _decode_chunks(source, image_size):
                     out[start : start + len(pixels)] = pixels
-                    bar.update(len(pixels))
+                    shown.update(len(pixels))
             out.flush()
             del out  # close the map before the rename (required on Windows)
         os.replace(tmp, path)

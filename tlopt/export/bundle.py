@@ -39,6 +39,7 @@ from tlopt.export.descriptors import predict
 from tlopt.export.plots import confusion_plot, history_plots
 from tlopt.models.backbones import create_backbone, data_config
 from tlopt.models.cut import CutModel
+from tlopt.progress import bar
 from tlopt.train.data import ImageSet
 from tlopt.train.metrics import classification_metrics
 from tlopt.train.trainer import EpochRecord
@@ -90,10 +91,16 @@ def export_best(
     replay = optuna.trial.FixedTrial(best.params, best.number)
     setup = suggest(replay, ctx.space, ctx.stage.name)
 
+    shown = bar(total=setup.params.epochs, desc=f"export-best trial {best.number}", unit="epoch")
+
     def on_epoch(record: EpochRecord, _checkpoint: object) -> None:
         log_epoch(replay, record, setup.params.epochs)
+        if record.epoch > 0:
+            shown.update(1)
+            shown.set_postfix(loss=f"{record.val_loss:.4f}", acc=f"{record.val_accuracy:.4f}")
 
-    run = train_setup(setup, ctx, on_epoch)
+    with shown:
+        run = train_setup(setup, ctx, on_epoch)
     params, dropout, result, model = run.params, run.dropout, run.result, run.model
     history = [r.as_dict() for r in result.history]
     evaluated = "test" if ctx.has_split("test") else "val"

@@ -21,6 +21,7 @@ from torch import nn
 from tlopt.models.split import SplitModel
 from tlopt.models.stages import frozen_module_set, set_train_mode
 from tlopt.names import OPTIMIZERS
+from tlopt.progress import bar
 from tlopt.schedules import layer_scales, lr_factor, warmup_factor
 from tlopt.train.data import ImageSet
 
@@ -144,6 +145,7 @@ class _Inputs:
             return None
         views = [False, True] if self.mirror else [False]
         out = []
+        shown = bar(total=n * len(views), desc="frozen features", unit="img")
         for flipped in views:
             chunks = []
             for start in range(0, n, 256):
@@ -154,7 +156,9 @@ class _Inputs:
                 # Feature maps are kept as NHWC, so that a gathered batch is channels_last
                 # (see fit) without a copy per step; pooled vectors stay as they are.
                 chunks.append(z.permute(0, 2, 3, 1).contiguous() if z.dim() == 4 else z)
+                shown.update(len(index))
             out.append(torch.cat(chunks))
+        shown.close()
         return torch.stack(out)
 
     def get(self, index: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:

@@ -98,8 +98,8 @@ def train_setup(
 
 
 def log_epoch(trial: optuna.trial.BaseTrial, record: EpochRecord, epochs: int) -> None:
-    """The epoch's log line (``tlopt worker --verbose``, export-best)."""
-    log.info(
+    """The epoch's log line, at DEBUG (``tlopt --verbose``)."""
+    log.debug(
         "trial %s epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  lr %.2e  %.1fs",
         getattr(trial, "number", "-"),
         record.epoch,

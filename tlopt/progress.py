@@ -1,0 +1,27 @@
+"""Progress bars on stderr: shown on a terminal, silent in logs, pipes and with ``--quiet``.
+
+``tlopt --quiet`` sets ``TLOPT_QUIET=1``, which the worker processes it starts inherit.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tqdm import tqdm
+
+QUIET_ENV = "TLOPT_QUIET"
+VERBOSE_ENV = "TLOPT_VERBOSE"  # tlopt --verbose: every epoch's log line, in workers too
+
+
+def bar(total: float | None = None, desc: str = "", unit: str = "it", **kw: Any) -> tqdm:
+    """A tqdm bar on stderr; ``disable=None`` is tqdm's "only on a terminal"."""
+    quiet = os.environ.get(QUIET_ENV) == "1"
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=True if quiet else kw.pop("disable", None),
+        dynamic_ncols=True,
+        **kw,
+    )
