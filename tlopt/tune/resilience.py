@@ -5,7 +5,7 @@ the first failed heartbeat. tlopt retries storage calls with backoff for a while
 with a thread that survives failed beats, so a database restart costs a pause, not a worker.
 
 No trial is RUNNING without a heartbeat: a worker records one as soon as it asks for a trial
-(``first_beat``), and the stale check gives one to any RUNNING trial that has none
+(``beat_once``), and the stale check gives one to any RUNNING trial that has none
 (``fail_stale_trials``), so a worker that dies between ``ask`` and its first beat (a segfault,
 the OOM killer while the model is built) leaves a trial that is failed and re-queued too.
 """
@@ -172,18 +172,19 @@ def heartbeat(storage: BaseStorage, trial_id: int, interval: int | None) -> Iter
         thread.join()
 
 
-def first_beat(storage: BaseStorage, trial_id: int, interval: int | None) -> None:
-    """The heartbeat of a trial just asked for, recorded before anything else can fail.
+def beat_once(storage: BaseStorage, trial_id: int, interval: int | None) -> None:
+    """One heartbeat of a trial, as soon as it is asked for, before anything else can fail.
 
     Optuna fails only the stale trials that have a heartbeat, so a trial must have one from
-    the moment it is RUNNING. Behind ``tlopt storage proxy`` it is the ``tlopt:beat``
-    attribute, which the proxy turns into a heartbeat.
+    the moment it is RUNNING. Behind ``tlopt storage proxy`` it is a new value of the
+    ``tlopt:beat`` attribute, which the proxy turns into a heartbeat.
     """
     if isinstance(storage, BaseHeartbeat):
         if storage.get_heartbeat_interval() is not None:
             storage.record_heartbeat(trial_id)
     elif interval is not None:
-        storage.set_trial_system_attr(trial_id, BEAT, -1)  # the beat thread counts from 0
+        # Negative: never one of the beat thread's counts (0, 1, ...), and new each time.
+        storage.set_trial_system_attr(trial_id, BEAT, -time.time())
 
 
 # RUNNING trials without a heartbeat row. Optuna has no API for this; the tables are those of

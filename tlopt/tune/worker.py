@@ -39,13 +39,13 @@ from optuna.trial import TrialState
 
 from tlopt.config import SearchSpace, StudyConfig
 from tlopt.errors import TloptError
-from tlopt.train.trainer import Interrupted
 from tlopt.names import ATTR
-from tlopt.tune.context import StudyContext
+from tlopt.train.trainer import Interrupted
+from tlopt.tune.context import StudyContext, TrialDone
 from tlopt.tune.objective import can_batch_heads, head_objectives, objective
 from tlopt.tune.pruners import make_pruner
-from tlopt.tune.resilience import BEAT, fail_stale_trials, first_beat, heartbeat, retrying
-from tlopt.tune.space import suggest
+from tlopt.tune.resilience import BEAT, beat_once, fail_stale_trials, heartbeat, retrying
+from tlopt.tune.space import space_size, suggest
 from tlopt.tune.storage import budget_lock, has_budget_lock, mask_url, open_storage, resolve_url
 from tlopt.tune.study import load
 
@@ -58,7 +58,7 @@ MAX_FAILURES_IN_A_ROW = 3
 SLOT_ENV = "TLOPT_WORKER_SLOT"
 RESTARTS_ENV = "TLOPT_WORKER_RESTARTS"
 # How often a trial's point is drawn again while a running trial holds the same point.
-DRAWS = 50
+DRAWS = 20
 
 
 @dataclass
@@ -97,12 +97,14 @@ def work(
     heads_at_once: int = 1,
     compile: bool = False,
     threads: int | None = None,
+    on_trial_done: TrialDone | None = None,
 ) -> WorkerSummary:
     """Run trials of ``study_name`` in this process until the budget or the timeout is reached.
 
     ``heads_at_once``: in a head study, ask up to this many trials at a time and train their
     heads together (``head_objectives``); each is still reported, pruned and told on its own.
     ``threads``: torch's CPU threads (default: ``$OMP_NUM_THREADS`` if set, else torch's own).
+    ``on_trial_done``: what the interface writes for each finished trial (curves, a note).
     """
     device = check_device(device)
     slot, restarts = worker_slot(), _env_int(RESTARTS_ENV, 0)
@@ -130,7 +132,15 @@ def work(
     )
     budget = n_trials or config.n_trials
     timeout = timeout if timeout is not None else (config.timeout or None)
-    ctx = StudyContext(study, device, progress=True)
+    STOP.clear()
+    ctx = StudyContext(
+        study,
+        device,
+        progress=True,
+        should_stop=STOP.is_set,
+        compile=compile,
+        on_trial_done=on_trial_done,
+    )
     log.info(
         "worker %d (slot %d) on %s, %d CPU threads, study %s in %s, budget %d finished trials",
         os.getpid(),
@@ -147,9 +157,6 @@ def work(
     summary = WorkerSummary()
     failures = 0  # failed trials do not count towards the budget: stop a loop of them
     began = time.monotonic()
-    STOP.clear()
-    ctx.should_stop = STOP.is_set
-    ctx.compile = compile
     previous = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while timeout is None or time.monotonic() - began < timeout:
@@ -222,8 +229,11 @@ def _next_trials(
         trials = []
         for _ in range(min(k, budget - finished - running)):
             trial = study.ask()
-            first_beat(storage, trial._trial_id, interval)
+            beat_once(storage, trial._trial_id, interval)
             trials.append(propose(trial, taken) if propose else trial)
+        if len(trials) > 1:  # the first ones' beats are as old as the proposals of the others
+            for trial in trials:
+                beat_once(storage, trial._trial_id, interval)
     if not has_budget_lock(storage):
         trials = [t for t in trials if not _over_budget(study, storage, t, budget)]
     return trials, False
@@ -241,9 +251,8 @@ class _Draft:
     it is written when a running trial already holds it.
     """
 
-    def __init__(self, trial: optuna.Trial, relative: bool) -> None:
-        self.trial, self.relative = trial, relative
-        self.frozen = trial.storage.get_trial(trial._trial_id)
+    def __init__(self, trial: optuna.Trial, frozen: optuna.trial.FrozenTrial, relative: bool):
+        self.trial, self.frozen, self.relative = trial, frozen, relative
         self.params: dict[str, Any] = {}
         self.distributions: dict[str, BaseDistribution] = {}
 
@@ -281,20 +290,22 @@ def _propose(
     A trial that was queued (a retry, an enqueued point) keeps its own. Parallel workers and
     heads trained together would otherwise run the same point at the same time: TPE's
     constant liar makes that unlikely once it models the study, but its random start-up
-    trials in a small space repeat often. After ``DRAWS`` draws (the space is nearly used up)
-    the last point is kept.
+    trials in a small space repeat often. In a space that running trials use up, or after
+    ``DRAWS`` draws, the point drawn last is kept.
     """
     frozen = trial.storage.get_trial(trial._trial_id)
     if frozen.params or "fixed_params" in frozen.system_attrs:
         taken.add(_point(frozen.params or frozen.system_attrs["fixed_params"]))
         return trial
-    for draw in range(DRAWS):
-        draft = _Draft(trial, relative=draw == 0)
+    size = space_size(space)
+    draws = 1 if size is not None and len(taken) >= size else DRAWS
+    for draw in range(draws):
+        draft = _Draft(trial, frozen, relative=draw == 0)
         suggest(cast(optuna.Trial, draft), space, stage)
         if _point(draft.params) not in taken:
             break
     else:
-        log.info("trial %d repeats a running trial: the search space is used up", trial.number)
+        log.debug("trial %d repeats the point of a running trial", trial.number)
     taken.add(_point(draft.params))
     for name, value in draft.params.items():
         distribution = draft.distributions[name]
@@ -481,7 +492,9 @@ def _settle(study: optuna.Study, trial: optuna.Trial, outcome: float | BaseExcep
             reason = f"{type(outcome).__name__}: {outcome}".splitlines()[0][:500]
         log.error("trial %d failed: %s", trial.number, reason)
         record = functools.partial(trial.set_user_attr, ATTR + "error", reason)
-        retrying("recording a failure", record)
+        # Failed already: the stale check of another worker judged its heartbeat too old.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            retrying("recording a failure", record)
         _tell(study, trial, None, TrialState.FAIL)
         return TrialState.FAIL
     _tell(study, trial, outcome, TrialState.COMPLETE)
