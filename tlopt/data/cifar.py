@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,9 @@ def _batch_arrays(path: Path, n_classes: int) -> tuple[np.ndarray, list[int]]:
     return np.ascontiguousarray(pixels), label_list
 
 
-def read_cifar10(path: Path, val_fraction: float, seed: int) -> Contents:
+def read_cifar10(
+    path: Path, val_fraction: float, seed: int, held_out: Mapping[str, str] | None = None
+) -> Contents:
     """CIFAR-10 python batches: data_batch_1..5 split into train and val, test_batch as test.
 
     ``path`` is the folder of the batches, or the folder the official archive was extracted in.
@@ -134,7 +137,7 @@ def read_cifar10(path: Path, val_fraction: float, seed: int) -> Contents:
         for key, label in zip(keys, labels, strict=True):
             by_class[classes[label]].append(key)
     # Carve val from the five training batches pooled, stratified: test_batch is the test split.
-    split_of = assign_splits(by_class, val_fraction, 0.0, seed)
+    split_of = assign_splits(by_class, val_fraction, 0.0, seed, held_out)
     for keys, labels, pixels in pending:
         records += array_records(keys, labels, pixels, split_of)
     return Contents(path, classes, records, arrays=arrays)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -10,7 +11,12 @@ from tlopt.data.records import Contents, array_records
 from tlopt.data.split import assign_splits
 
 
-def read_digits(val_fraction: float, test_fraction: float, seed: int) -> Contents:
+def read_digits(
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    held_out: Mapping[str, str] | None = None,
+) -> Contents:
     """The digits as grey-on-RGB uint8 images, split stratified and seeded."""
     from sklearn.datasets import load_digits  # heavy import, needed only here
 
@@ -24,6 +30,6 @@ def read_digits(val_fraction: float, test_fraction: float, seed: int) -> Content
     by_class: dict[str, list[str]] = defaultdict(list)
     for key, label in zip(keys, labels, strict=True):
         by_class[classes[label]].append(key)
-    split_of = assign_splits(by_class, val_fraction, test_fraction, seed)
+    split_of = assign_splits(by_class, val_fraction, test_fraction, seed, held_out)
     records = array_records(keys, labels, pixels, split_of)
     return Contents(None, classes, records, arrays={"digits": pixels})

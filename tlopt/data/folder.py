@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,12 @@ class _Layout:
 
 
 def read_folder(
-    root: Path, val_fraction: float, test_fraction: float, seed: int, max_bad_fraction: float
+    root: Path,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    max_bad_fraction: float,
+    held_out: Mapping[str, str] | None = None,
 ) -> Contents:
     """An image folder: ``root/<class>/...`` or ``root/train/<class>/...`` plus val (and test).
 
@@ -67,7 +72,7 @@ def read_folder(
     bad = [(f, r) for f, r in zip(layout.found, reads, strict=True) if isinstance(r, BadImage)]
     classes = _check_classes(root, layout, good, bad)
     _check_bad_fraction(root, len(bad), len(layout.found), max_bad_fraction)
-    records = _folder_records(good, classes, val_fraction, test_fraction, seed)
+    records = _folder_records(good, classes, val_fraction, test_fraction, seed, held_out)
     skipped = [(f.key, r.reason) for f, r in bad]
     return Contents(root, classes, records, skipped=skipped, ignored=layout.ignored)
 
@@ -228,6 +233,7 @@ def _folder_records(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    held_out: Mapping[str, str] | None,
 ) -> list[Record]:
     """Records with their final split: from the layout, or carved per class by tlopt.
 
@@ -241,7 +247,8 @@ def _folder_records(
     for f, _ in good:
         if f.split is None or (f.split == "train" and not has_val):
             carve[f.class_name].append(f.key)
-    split_of = assign_splits(carve, val_fraction, 0.0 if pre_split else test_fraction, seed)
+    test = 0.0 if pre_split else test_fraction
+    split_of = assign_splits(carve, val_fraction, test, seed, held_out)
     return [
         Record(
             f.key,

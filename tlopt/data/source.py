@@ -126,6 +126,7 @@ def open_source(
     test_fraction: float = 0.2,
     seed: int = 0,
     max_bad_fraction: float = 0.1,
+    held_out: Mapping[str, str] | None = None,
 ) -> Source:
     """Read, verify and split a data source.
 
@@ -141,6 +142,8 @@ def open_source(
         seed: seeds the stratified split; the same seed gives the same split.
         max_bad_fraction: the share of unreadable image files above which the folder is
             refused rather than used with those files skipped.
+        held_out: the val and test keys of the split tlopt carves, as a study stored them
+            (:func:`held_out_keys`); given, they replace the seeded draw.
 
     Returns:
         The verified :class:`Source`.
@@ -156,7 +159,7 @@ def open_source(
     """
     _check_fractions(val_fraction, test_fraction, max_bad_fraction)
     if kind == "digits":
-        return _assemble("digits", read_digits(val_fraction, test_fraction, seed))
+        return _assemble("digits", read_digits(val_fraction, test_fraction, seed, held_out))
     if kind not in DATA_SOURCES:
         raise DataError(f"unknown data kind {kind!r}: use one of {', '.join(DATA_SOURCES)}")
     if path is None:
@@ -168,9 +171,14 @@ def open_source(
     if "\x00" in str(folder):
         raise DataError(f"data path {str(path)!r} contains a NUL character")
     if kind == "cifar10":
-        return _assemble(kind, read_cifar10(folder, val_fraction, seed))
-    contents = read_folder(folder, val_fraction, test_fraction, seed, max_bad_fraction)
+        return _assemble(kind, read_cifar10(folder, val_fraction, seed, held_out))
+    contents = read_folder(folder, val_fraction, test_fraction, seed, max_bad_fraction, held_out)
     return _assemble(kind, contents)
+
+
+def held_out_keys(source: Source) -> dict[str, str]:
+    """The split of every val and test item (the rest train), for a study to store."""
+    return {item.key: item.split for item in source.items if item.split != "train"}
 
 
 def _check_fractions(val_fraction: float, test_fraction: float, max_bad_fraction: float) -> None:

@@ -25,16 +25,27 @@ def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int
 
 
 def assign_splits(
-    keys_by_class: Mapping[str, Sequence[str]], val_fraction: float, test_fraction: float, seed: int
+    keys_by_class: Mapping[str, Sequence[str]],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    held_out: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Stratified, seeded split: each class is shuffled on its own and cut by the fractions.
 
     Each class's generator is seeded from ``seed`` and the class name, so adding a class or an
     image to one class leaves the other classes' splits as they were.
 
+    Args:
+        held_out: the split of every val and test key as a study stored it when it was created
+            (every other key trains). Given, it is the split: NumPy does not promise to keep
+            its random streams, so workers on another NumPy still agree with the study.
+
     Returns:
         The split (``"train"``, ``"val"`` or ``"test"``) of every key.
     """
+    if held_out is not None:
+        return {key: held_out.get(key, "train") for keys in keys_by_class.values() for key in keys}
     split_of: dict[str, str] = {}
     for name, keys in keys_by_class.items():
         ordered = sorted(keys)

@@ -36,7 +36,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TLOPT_CACHE", Path.home() / ".cache" / "tlopt"))
 
 
-def open_config_source(config: StudyConfig) -> Source:
+def open_config_source(config: StudyConfig, held_out: dict[str, str] | None = None) -> Source:
+    """The study's data; ``held_out``: the split a study stored (see ``open_source``)."""
     d = config.data
     return open_source(
         d.source,
@@ -45,6 +46,7 @@ def open_config_source(config: StudyConfig) -> Source:
         test_fraction=d.test_fraction,
         seed=config.seed,
         max_bad_fraction=d.max_bad_fraction,
+        held_out=held_out,
     )
 
 
@@ -85,7 +87,8 @@ class StudyContext:
         self.classes: list[str] = list(attrs[ATTR + "classes"])
         self.device = pick_device(device)
         self.artifacts = artifact_store(attrs[ATTR + "artifacts"])
-        self.source = open_config_source(self.config)
+        # The split the study stored (studies made before it was stored draw it again).
+        self.source = open_config_source(self.config, attrs.get(ATTR + "held_out"))
         if self.source.fingerprint != attrs[ATTR + "fingerprint"]:
             raise StudyError(
                 f"the data of study '{study.study_name}' changed since it was created "

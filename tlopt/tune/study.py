@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 import tlopt
 from tlopt.config import ModelConfig, PrunerConfig, StudyConfig
 from tlopt.errors import ConfigError, StorageError, StudyError, TloptError
-from tlopt.names import ATTR, parse_stage
+from tlopt.names import ATTR, Stage, parse_stage
 from tlopt.tune.pruners import make_pruner
 from tlopt.tune.storage import (
     check_artifact_dir,
@@ -107,6 +107,7 @@ def create(
     dry_run: bool = False,
 ) -> CreatePlan:
     """Create the study of ``stage_name`` for ``config``; fine-tuning stages chain to ``head``."""
+    from tlopt.data.source import held_out_keys
     from tlopt.models.backbones import create_backbone
     from tlopt.models.stages import apply_stage
     from tlopt.tune.context import open_config_source
@@ -118,7 +119,8 @@ def create(
     stage = parse_stage(stage_name)
     url = resolve_url(storage_url, config.storage.url)
     name = name or f"{config.name}/{stage.name}"
-    source = open_config_source(config)
+    held_out = _head_split(storage_url, config, stage, name)
+    source = open_config_source(config, held_out)
     classes = list(source.classes)
     counts = {split: sum(c.values()) for split, c in source.counts().items()}
     model = create_backbone(config.model.backbone, "none", len(classes))
@@ -188,6 +190,8 @@ def create(
         "classes": classes,
         "counts": counts,
         "fingerprint": source.fingerprint,
+        # The split itself, not only its seed: workers on another NumPy must agree with it.
+        "held_out": held_out_keys(source),
         "skipped": len(source.skipped),
         "skipped_files": [list(row) for row in source.skipped[:MAX_SKIPPED_LISTED]],
         "artifacts": artifacts,
@@ -197,6 +201,20 @@ def create(
     _create_whole(storage, name, config, attrs, mask_url(url))
     result.created = True
     return result
+
+
+def _head_split(
+    storage_url: str | None, config: StudyConfig, stage: Stage, name: str
+) -> dict[str, str] | None:
+    """A fine-tuning stage validates on its head study's split: the one that study stored."""
+    if not stage.from_head:
+        return None
+    url = resolve_url(storage_url, config.storage.url)
+    try:
+        head = optuna.load_study(study_name=f"{_prefix(name)}/head", storage=open_storage(url))
+    except KeyError:  # no head study: create() says what to run
+        return None
+    return head.user_attrs.get(ATTR + "held_out")  # type: ignore[no-any-return]
 
 
 def snapshot(config: StudyConfig) -> dict[str, Any]:
