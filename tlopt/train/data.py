@@ -16,12 +16,15 @@ class ImageSet:
         images: uint8 tensor (N, H, W, 3), as decoded once by ``tlopt.data.cache``.
         labels: int64 tensor (N,).
         mean, std: per-channel normalisation the pretrained weights expect.
+        name: what the images are, by content (fingerprint, split, size): the key of their
+            frozen features in a ``FeatureCache``; None keys them by this object.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    name: str | None = None
 
     @classmethod
     def from_arrays(
@@ -31,12 +34,14 @@ class ImageSet:
         mean: tuple[float, ...],
         std: tuple[float, ...],
         device: torch.device | str = "cpu",
+        name: str | None = None,
     ) -> ImageSet:
         return cls(
             torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(device),
             torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device),
             tuple(mean),
             tuple(std),
+            name,
         )
 
     def __len__(self) -> int:

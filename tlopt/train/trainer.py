@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -24,9 +25,11 @@ from tlopt.names import OPTIMIZERS
 from tlopt.progress import bar
 from tlopt.schedules import layer_scales, lr_factor, warmup_factor
 from tlopt.train.data import ImageSet
+from tlopt.train.feature_cache import DEFAULT_BYTES, FeatureCache
 
-# Prefix outputs above this size are recomputed per batch instead of kept (bytes).
-CACHE_LIMIT_BYTES = 4 * 2**30
+log = logging.getLogger("tlopt.worker")
+# The feature budget of a fit given no cache of its caller (bytes).
+CACHE_LIMIT_BYTES = DEFAULT_BYTES
 
 
 class Interrupted(RuntimeError):
@@ -124,24 +127,35 @@ def make_optimizer(
 class _Inputs:
     """Training inputs as the trainable part sees them: cached prefix outputs, or images."""
 
-    def __init__(self, split: SplitModel, data: ImageSet, mirror: bool, cache: dict[str, Any]):
+    def __init__(self, split: SplitModel, data: ImageSet, mirror: bool, cache: FeatureCache):
         self.split, self.data, self.mirror = split, data, mirror
         self.cached: torch.Tensor | None = None
         if split.has_prefix:
-            # Valid for models whose frozen prefix holds the same weights (one study's trials).
+            # The cache belongs to one study, whose trials share the prefix's weights: the key
+            # names the data by content, the prefix by its cut, and the views.
             cut = getattr(split.model, "cut", None)
-            key = f"{id(data)}|{split.mode}:{split.cut}|cut{cut}|{mirror}"
-            if key not in cache:
-                cache[key] = self._compute()
-            self.cached = cache[key]
+            what = data.name or f"object {id(data)}"
+            key = f"{what}|{split.mode}:{split.cut}|cut{cut}|mirror={mirror}"
+            self.cached = cache.get(key)
+            if self.cached is None:
+                self.cached = self._compute(cache)
+                if self.cached is not None:
+                    cache.put(key, self.cached, owner=None if data.name else data)
 
     @torch.no_grad()
-    def _compute(self) -> torch.Tensor | None:
+    def _compute(self, cache: FeatureCache) -> torch.Tensor | None:
         n = len(self.data)
         with _autocast(self.data.images.device):
             probe = self.split.prefix(self.data.batch(torch.arange(min(n, 2))))
         per_item = probe[0].numel() * 4 * (2 if self.mirror else 1)
-        if per_item * n > CACHE_LIMIT_BYTES:
+        if not cache.fits(per_item * n):
+            log.info(
+                "frozen features of %s (%.0f MiB) exceed the feature cache (%.0f MiB): the "
+                "prefix runs every step",
+                self.data.name or "the images",
+                per_item * n / 2**20,
+                cache.max_bytes / 2**20,
+            )
             return None
         views = [False, True] if self.mirror else [False]
         out = []
@@ -174,7 +188,7 @@ class _Inputs:
 
 
 def cached_prefix(
-    split: SplitModel, data: ImageSet, mirror: bool, cache: dict[str, Any]
+    split: SplitModel, data: ImageSet, mirror: bool, cache: FeatureCache
 ) -> torch.Tensor | None:
     """The frozen prefix's outputs for every image of ``data`` (``[views, N, ...]``: view 1
     the mirror images when ``mirror``), kept in ``cache`` as ``fit`` keeps them; None when
@@ -246,7 +260,7 @@ def fit(
     seed: int = 0,
     on_epoch: Callable[[EpochRecord, Callable[[], dict[str, Any]]], None] | None = None,
     resume: dict[str, Any] | None = None,
-    cache: dict[str, Any] | None = None,
+    cache: FeatureCache | None = None,
     should_stop: Callable[[], bool] | None = None,
     compile: bool = False,
     record_start: bool = False,
@@ -261,7 +275,7 @@ def fit(
         on_epoch: called after each epoch with its record and a function returning a
             checkpoint (for ``resume``); it may raise to stop training.
         resume: a checkpoint from ``on_epoch`` to continue from (tensors on any device).
-        cache: a dict kept by the caller to reuse frozen-prefix outputs across runs.
+        cache: kept by the caller to reuse frozen-prefix outputs across runs (of one study).
         should_stop: checked before every batch; when it returns True, ``Interrupted``.
         compile: run the trainable part through ``torch.compile``; on CUDA in mode
             "reduce-overhead", which captures the step as a CUDA graph per batch size (the
@@ -283,7 +297,7 @@ def fit(
     generator = torch.Generator(device=device).manual_seed(seed)
     split = SplitModel(model, int(train.images.shape[1]))
     set_train_mode(model, False)
-    cache = {} if cache is None else cache
+    cache = FeatureCache(CACHE_LIMIT_BYTES) if cache is None else cache
     train_in = _Inputs(split, train, params.flip, cache)
     val_in = _Inputs(split, val, False, cache)
     rest = compiled(split.rest, device) if compile else split.rest

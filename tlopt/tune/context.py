@@ -27,6 +27,7 @@ from tlopt.models.backbones import classifier_name, create_backbone, normalizati
 from tlopt.models.stages import Stage, apply_stage, parse_stage
 from tlopt.names import ATTR
 from tlopt.train.data import ImageSet
+from tlopt.train.feature_cache import FeatureCache
 from tlopt.train.trainer import EpochRecord, TrainParams
 from tlopt.tune.storage import artifact_store
 
@@ -111,7 +112,8 @@ class StudyContext:
         self.mean, self.std = normalization(probe)
         self.sets: dict[str, ImageSet] = {}
         self.should_stop = should_stop  # the worker's stop flag, checked every batch
-        self.prefix_cache: dict[str, Any] = {}
+        self.prefix_cache = FeatureCache()  # frozen features, shared by the study's trials
+        self.pooled_heads: dict[bool, Any] = {}  # runner: head trials' start, by mirror
         self.compile = compile  # tlopt worker --compile: torch.compile / CUDA graphs (trainer)
         self.on_trial_done = on_trial_done
 
@@ -120,7 +122,12 @@ class StudyContext:
         if name not in self.sets:
             idx = self.index[name]
             self.sets[name] = ImageSet.from_arrays(
-                np.asarray(self.images[idx]), self.labels[idx], self.mean, self.std, self.device
+                np.asarray(self.images[idx]),
+                self.labels[idx],
+                self.mean,
+                self.std,
+                self.device,
+                name=f"{self.source.fingerprint[:16]}/{name}/{self.config.data.image_size}px",
             )
         return self.sets[name]
 

@@ -155,10 +155,9 @@ def _pooled_features(ctx: StudyContext, mirror: bool) -> Pooled | None:
     Kept in the study's prefix cache: every batch of head trials starts from the same seeded
     head on the same features, so the model is built and run once per worker, not per batch.
     """
-    key = f"pooled-heads|mirror={mirror}"
-    if key not in ctx.prefix_cache:
-        ctx.prefix_cache[key] = _compute_pooled_features(ctx, mirror)
-    return ctx.prefix_cache[key]  # type: ignore[no-any-return]
+    if mirror not in ctx.pooled_heads:
+        ctx.pooled_heads[mirror] = _compute_pooled_features(ctx, mirror)
+    return ctx.pooled_heads[mirror]  # type: ignore[no-any-return]
 
 
 def _compute_pooled_features(ctx: StudyContext, mirror: bool) -> Pooled | None:
