@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 from tqdm import tqdm
@@ -17,11 +18,15 @@ VERBOSE_ENV = "TLOPT_VERBOSE"  # tlopt --verbose: every epoch's log line, in wor
 def bar(total: float | None = None, desc: str = "", unit: str = "it", **kw: Any) -> tqdm:
     """A tqdm bar on stderr; ``disable=None`` is tqdm's "only on a terminal"."""
     quiet = os.environ.get(QUIET_ENV) == "1"
+    size = shutil.get_terminal_size((100, 24))
     return tqdm(
         total=total,
         desc=desc,
         unit=unit,
         disable=True if quiet else kw.pop("disable", None),
-        dynamic_ncols=True,
+        # The terminal's size, or 100 x 24 where it reports none (a pty never sized, which
+        # tqdm would fill with empty lines).
+        ncols=size.columns,
+        nrows=size.lines,
         **kw,
     )

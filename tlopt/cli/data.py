@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 import typer
 
 from tlopt.cli.apps import data_app, model_app
+from tlopt.cli.common import JsonOpt, print_json
 from tlopt.errors import TloptError
 
 
@@ -19,6 +21,7 @@ def data_check(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     seed: int = 0,
+    as_json: JsonOpt = False,
 ) -> None:
     """Classes, counts per split, image sizes, and every unreadable file with its reason."""
     from tlopt.data.check import check_source, format_report
@@ -28,6 +31,9 @@ def data_check(
     report = check_source(
         source, path, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
     )
+    if as_json:
+        print_json(dataclasses.asdict(report))
+        return
     typer.echo(format_report(report))
 
 

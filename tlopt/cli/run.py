@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from tlopt.cli.apps import app
-from tlopt.cli.common import StorageOpt, print_json
+from tlopt.cli.common import JsonOpt, StorageOpt, print_json
 from tlopt.errors import TloptError
 
 
@@ -120,8 +122,65 @@ def worker(
             help="torch.compile the training step (CUDA graphs per batch size on a GPU).",
         ),
     ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run trials until the study holds its budget of finished trials."""
+    from tlopt.pipeline import stdout_to_stderr
+
+    with stdout_to_stderr() if as_json else contextlib.nullcontext():
+        code, summary = _run_workers(
+            study, storage, n_trials, timeout, gpus, per_gpu, processes, threads, device,
+            heads_at_once, compile,
+        )  # fmt: skip
+    if as_json:
+        print_json(_study_summary(study, storage, summary))
+    elif summary is not None:
+        typer.echo(
+            f"worker done: {summary.complete} complete, {summary.pruned} pruned, "
+            f"{summary.failed} failed"
+        )
+    if code:
+        raise typer.Exit(code)
+
+
+def _study_summary(study: str, storage: str | None, summary: Any) -> dict[str, Any]:
+    """What the study holds after the run, and what this process ran (None: its workers)."""
+    from optuna.trial import TrialState
+
+    from tlopt.tune.study import load
+
+    trials = load(study, storage).get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    best = min(complete, key=lambda t: t.value) if complete else None  # type: ignore[arg-type, return-value]
+    return {
+        "study": study,
+        "states": {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState},
+        "best": None
+        if best is None
+        else {
+            "trial": best.number,
+            "value": best.value,
+            "val_accuracy": best.user_attrs.get("val_accuracy"),
+            "params": best.params,
+        },
+        "this_process": None if summary is None else dataclasses.asdict(summary),
+    }
+
+
+def _run_workers(
+    study: str,
+    storage: str | None,
+    n_trials: int | None,
+    timeout: float | None,
+    gpus: str | None,
+    per_gpu: str,
+    processes: int,
+    threads: int | None,
+    device: str | None,
+    heads_at_once: int,
+    compile: bool,
+) -> tuple[int, Any]:
+    """(exit code, this process's WorkerSummary or None when worker processes ran)."""
     from tlopt.tune.worker import check_device, parse_gpus, supervise, work
 
     device = check_device(device)
@@ -138,20 +197,19 @@ def worker(
             f"--processes runs CPU workers; for several on a GPU use --gpus 0 --per-gpu {processes}"
         )
     if gpu_ids or processes > 1:
-        raise typer.Exit(
-            supervise(
-                study,
-                storage,
-                n_trials,
-                timeout,
-                gpu_ids,
-                slots_per_gpu,
-                processes,
-                heads_at_once,
-                compile,
-                threads=threads,
-            )
+        code = supervise(
+            study,
+            storage,
+            n_trials,
+            timeout,
+            gpu_ids,
+            slots_per_gpu,
+            processes,
+            heads_at_once,
+            compile,
+            threads=threads,
         )
+        return code, None
     from tlopt.report.trial_artifacts import write_trial_artifacts
 
     summary = work(
@@ -165,7 +223,4 @@ def worker(
         threads,
         on_trial_done=write_trial_artifacts,  # curves and a note per trial, for the dashboard
     )
-    typer.echo(
-        f"worker done: {summary.complete} complete, {summary.pruned} pruned, "
-        f"{summary.failed} failed"
-    )
+    return 0, summary

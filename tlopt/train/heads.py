@@ -109,6 +109,7 @@ def fit_heads(
     seed: int = 0,
     on_epoch: Callable[[int, EpochRecord], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_done: Callable[[int, FitResult | BaseException], None] | None = None,
 ) -> list[FitResult | BaseException]:
     """Train one linear head per task, all at once, from the same initial ``weight``/``bias``.
 
@@ -122,6 +123,8 @@ def fit_heads(
             exception it raises (a prune) ends that task only, and becomes its outcome;
             a ``TloptError`` (storage, disk) ends them all.
         should_stop: checked before every step; when it returns True, ``Interrupted``.
+        on_done: called with (task index, outcome) as soon as a task ends, at the end of its
+            last epoch, so a short trial is told while longer ones still train.
 
     Returns:
         Per task, a :class:`FitResult` (``best_state`` holds ``weight`` and ``bias``) or the
@@ -148,6 +151,15 @@ def fit_heads(
     outcome: list[FitResult | BaseException | None] = [None] * k
     stopped_early = [False] * k
     active = list(range(k))
+    told = [False] * k
+
+    def tell_ended() -> None:
+        for i, ended in enumerate(outcome):
+            if ended is not None and not told[i]:
+                told[i] = True
+                if on_done is not None:
+                    on_done(i, ended)
+
     epoch = 0
     while active:
         began = time.perf_counter()
@@ -278,6 +290,8 @@ def fit_heads(
             )
         active = still
         epoch += 1
+        tell_ended()
+    tell_ended()
     assert all(o is not None for o in outcome)
     return outcome  # type: ignore[return-value]
 

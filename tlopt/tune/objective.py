@@ -67,13 +67,16 @@ def objective(trial: optuna.Trial, ctx: StudyContext) -> float:
 
 
 def head_objectives(
-    trials: list[optuna.Trial], ctx: StudyContext
+    trials: list[optuna.Trial],
+    ctx: StudyContext,
+    on_outcome: Callable[[int, float | BaseException], None] | None = None,
 ) -> list[float | BaseException] | None:
     """Train the heads of several head-stage trials at once (see tlopt.train.heads).
 
     Returns, per trial, its best validation loss or the exception that ended it (a prune);
     None when the model's head is not a plain linear layer on cached pooled features, for
-    the caller to run the trials one at a time.
+    the caller to run the trials one at a time. ``on_outcome`` hears of each trial as soon as
+    it ends (for the worker to tell the study), not when the batch's longest one ends.
     """
     began = time.perf_counter()
     if not can_batch_heads(ctx):
@@ -89,8 +92,8 @@ def head_objectives(
             histories[i].append(record)
             report(trials[i], ctx, record, setups[i].params.epochs, histories[i])
 
-        results = fit_head_trials(ctx, [setups[i] for i in group], on_epoch)
-        for i, result in zip(group, results, strict=True):
+        def on_done(j: int, result: FitResult | BaseException, group: list[int] = group) -> None:
+            i = group[j]
             if isinstance(result, NonFiniteLoss):
                 outcomes[i] = _pruned_by(trials[i], histories[i], result)
             elif isinstance(result, BaseException):
@@ -106,6 +109,10 @@ def head_objectives(
                     result.best_state,
                     seconds,
                 )
+            if on_outcome is not None:
+                on_outcome(i, outcomes[i])
+
+        fit_head_trials(ctx, [setups[i] for i in group], on_epoch, on_done)
     return outcomes
 
 

@@ -116,6 +116,7 @@ def fit_head_trials(
     ctx: StudyContext,
     setups: list[TrialSetup],
     on_epoch: Callable[[int, EpochRecord], None],
+    on_done: Callable[[int, FitResult | BaseException], None] | None = None,
 ) -> list[FitResult | BaseException]:
     """``fit_heads`` over the study's cached pooled features (one optimizer kind)."""
     ready = _pooled_features(ctx, mirror=any(ctx.space.flip))
@@ -132,6 +133,7 @@ def fit_head_trials(
         seed=ctx.config.seed,
         on_epoch=on_epoch,
         should_stop=ctx.should_stop,
+        on_done=on_done,
     )
 
 

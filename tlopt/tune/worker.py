@@ -36,10 +36,12 @@ import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from tqdm import tqdm
 
 from tlopt.config import SearchSpace, StudyConfig
 from tlopt.errors import TloptError
 from tlopt.names import ATTR
+from tlopt.progress import bar
 from tlopt.train.trainer import Interrupted
 from tlopt.tune.context import StudyContext, TrialDone
 from tlopt.tune.objective import can_batch_heads, head_objectives, objective
@@ -158,8 +160,10 @@ def work(
     failures = 0  # failed trials do not count towards the budget: stop a loop of them
     began = time.monotonic()
     previous = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    shown = bar(total=budget, desc=study_name, unit="trial")
     try:
         while timeout is None or time.monotonic() - began < timeout:
+            _show_progress(shown, study)
             if STOP.is_set():
                 raise _Stop("signal")
             ask = functools.partial(
@@ -199,9 +203,23 @@ def work(
     except _Stop as stop:
         log.warning("worker %d stopping on %s", os.getpid(), stop)
     finally:
+        _show_progress(shown, study)
+        shown.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     return summary
+
+
+def _show_progress(shown: tqdm, study: optuna.Study) -> None:
+    """The study's finished trials (all workers'), its best value and how many were pruned."""
+    if shown.disable:
+        return
+    trials = study.get_trials(deepcopy=False)
+    complete = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    shown.update(len(complete) + pruned - shown.n)
+    best = f"{min(complete):.4f}" if complete else "-"
+    shown.set_postfix_str(f"best val {best}, {pruned} pruned")
 
 
 def _next_trials(
@@ -444,22 +462,30 @@ def _run_heads(
     ctx: StudyContext,
     config: StudyConfig,
 ) -> list[TrialState] | None:
-    """Run head trials together; None if their model needs them one at a time."""
-    outcomes: list[float | BaseException] | None
+    """Run head trials together; None if their model needs them one at a time.
+
+    Each trial is told as soon as it ends (a 10-epoch trial does not wait for a 50-epoch one).
+    """
+    states: dict[int, TrialState] = {}
+
+    def tell(i: int, outcome: float | BaseException) -> None:
+        states[i] = _settle(study, trials[i], outcome)
+
     with contextlib.ExitStack() as beats:
         for trial in trials:
             beats.enter_context(
                 heartbeat(storage, trial._trial_id, config.storage.heartbeat_interval)
             )
         try:
-            outcomes = head_objectives(trials, ctx)
+            if head_objectives(trials, ctx, on_outcome=tell) is None:
+                return None
         except (Interrupted, KeyboardInterrupt, TloptError) as exc:
-            _requeue_and_raise(trials, exc, config)
+            _requeue_and_raise([t for i, t in enumerate(trials) if i not in states], exc, config)
         except Exception as exc:  # a crashed batch must not kill the worker
-            outcomes = [exc] * len(trials)
-    if outcomes is None:
-        return None
-    return [_settle(study, t, o) for t, o in zip(trials, outcomes, strict=True)]
+            for i in range(len(trials)):
+                if i not in states:
+                    tell(i, exc)
+    return [states[i] for i in range(len(trials))]
 
 
 def _requeue_and_raise(
