@@ -42,11 +42,17 @@ weights = "none"
 
 @pytest.fixture(autouse=True)
 def _shared_cache(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """One decoded-image cache for the whole run; a user's TLOPT_STORAGE never leaks in."""
+    """One decoded-image cache for the whole run; a user's TLOPT_STORAGE never leaks in.
+
+    Each test runs in its own temporary folder: what tlopt writes relative to the working
+    directory (the default storage ``sqlite:///studies/tlopt.db``, a PostgreSQL study's
+    ``studies/artifacts``) lands there, never in the checkout. Subprocesses inherit it.
+    """
     monkeypatch.setenv("TLOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.delenv("TLOPT_STORAGE", raising=False)
+    monkeypatch.chdir(tmp_path)
 
 
 def _require_or_skip(reason: str) -> None:

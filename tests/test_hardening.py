@@ -80,8 +80,7 @@ def cli(*args: str, secret: str = "") -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ),
-        cwd=ROOT,
+        env=dict(os.environ),  # cwd: the test's tmp_path (conftest), so as to write nothing here
     )
     assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
     if secret:
@@ -595,9 +594,45 @@ def test_study_commands_start_without_torch() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_export_files_stay_inside_out() -> None:
-    from tlopt.export.bundle import FILES
+def _files(root: Path) -> dict[Path, tuple[int, int]]:
+    """Every file under ``root`` (links too) with its size and modification time."""
+    found = {}
+    for path in root.rglob("*"):
+        if path.is_symlink() or not path.is_dir():
+            info = path.lstat()
+            found[path] = (info.st_size, info.st_mtime_ns)
+    return found
 
-    for name in FILES:
-        path = Path(name)
-        assert not path.is_absolute() and ".." not in path.parts, name
+
+@pytest.mark.slow
+def test_export_files_stay_inside_out(tmp_path: Path) -> None:
+    """``export-best`` writes exactly the files its manifest lists, all inside ``--out``."""
+    from tlopt.export.bundle import FILES
+    from tlopt.tune.worker import work
+
+    storage = f"sqlite:///{tmp_path}/s.db"
+    create_here(study_file(tmp_path), storage)
+    assert work("tiny/head", storage, n_trials=1).complete == 1
+    out = tmp_path / "exports" / "tiny"
+    (tmp_path / "exports").mkdir()
+    before = _files(tmp_path)
+    done = cli("export-best", "--study", "tiny/head", "--storage", storage, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = _files(tmp_path)
+
+    # Nothing outside --out is new or changed (the working directory is tmp_path too); reading
+    # the study may only touch the SQLite file and its -wal/-shm.
+    outside = {
+        p
+        for p in (after.keys() - before.keys()) | {p for p in before if after.get(p) != before[p]}
+        if not p.is_relative_to(out) and not p.name.startswith("s.db")
+    }
+    assert outside == set(), sorted(map(str, outside))
+    written = sorted(p.relative_to(out).as_posix() for p in after if p.is_relative_to(out))
+    assert written == sorted(FILES)  # no stray file left behind
+    assert [p.name for p in out.rglob("*") if p.is_dir()] == ["model"]  # nor a temporary folder
+    for path in after:
+        if path.is_relative_to(out):
+            assert not path.is_symlink() and path.resolve().is_relative_to(out.resolve()), path
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"] == list(FILES)

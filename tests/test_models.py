@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -147,7 +146,29 @@ def test_prefix_then_rest_equals_the_model(arch: str, stage: str) -> None:
 
 
 def test_summary_lists_stages() -> None:
-    text = summary_text(create_backbone("resnet34", "none", num_classes=2), "resnet34", 64)
-    for word in ("with head", "without head", "freeze1", "freeze2", "layer4", "1,026"):
-        assert word in text
-    assert np.isfinite(1.0)
+    """Each stage's row gives what it freezes and the parameters it trains (ResNet-34)."""
+    model = create_backbone("resnet34", "none", num_classes=2)
+    # Counted from the modules, not by apply_stage: stem = conv1 + bn1, group i = layer i.
+    size = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}
+    total, head = sum(size.values()), size["fc"]
+    stem, layer1, layer2 = size["conv1"] + size["bn1"], size["layer1"], size["layer2"]
+    expected = {
+        "head": ("everything but the classifier", head),
+        "freeze1": ("stem + group 1", total - stem - layer1),
+        "freeze2": ("stem + groups 1..2", total - stem - layer1 - layer2),
+        "full": ("nothing", total),
+        "scratch": ("nothing (random init)", total),
+    }
+    text = summary_text(model, "resnet34", 64)
+    assert f"with head: {total:,} parameters; classifier 'fc' (2 outputs) has {head:,}" in text
+    assert f"without head: {total - head:,} parameters" in text
+    assert "features (512, 2, 2), pooled descriptor (512,)" in text  # 64 px / 32
+    assert "block groups (timm group_matcher): stem + 4" in text
+    rows = text.split("trainable params\n", 1)[1].splitlines()
+    got = {}
+    for row in rows:
+        name, rest = row.split(maxsplit=1)
+        frozen, count = rest.rsplit(maxsplit=1)
+        got[name] = (frozen.strip(), int(count.replace(",", "")))
+    assert got == expected
+    assert (head, total) == (1_026, 21_285_698)  # 512 * 2 + 2; timm's resnet34

@@ -93,7 +93,22 @@ def test_normalisation_and_flip() -> None:
     expected = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
     torch.testing.assert_close(x[0], expected[0])
     torch.testing.assert_close(x[1], expected[1].flip(-1))
-    assert normalization(create_backbone("test_resnet", "none")) is not None
+
+
+@pytest.mark.parametrize(
+    ("arch", "mean", "std"),
+    [
+        ("test_resnet", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ("test_efficientnet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+    ],
+)
+def test_normalization_is_the_pretrained_cfg_of_the_model(
+    arch: str, mean: tuple[float, ...], std: tuple[float, ...]
+) -> None:
+    """The mean/std the images are normalised with are those timm's weights were trained with."""
+    model = create_backbone(arch, "none")
+    assert (model.pretrained_cfg["mean"], model.pretrained_cfg["std"]) == (mean, std)
+    assert normalization(model) == (mean, std)
 
 
 @pytest.mark.slow
