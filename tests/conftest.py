@@ -18,6 +18,7 @@ import os
 import pwd
 import secrets
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,3 +205,16 @@ def pg_server(postgres_url: str) -> Iterator[PgServer]:
 def restart_postgres(pg_server: PgServer) -> Callable[[], None]:
     """A function that restarts the test server (see :class:`PgServer`)."""
     return pg_server.restart
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m tlopt ARGS`` as a user would, in the test's folder (see above)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tlopt", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

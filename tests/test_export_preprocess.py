@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from tests.conftest import TINY_DATA_MODEL
+from tests.conftest import TINY_DATA_MODEL, cli
 from tlopt.config import load_config
 from tlopt.data.images import load_rgb, resize_square
 from tlopt.models.backbones import create_backbone, normalization
@@ -47,16 +44,6 @@ dropout = [0.0]
 [pruner]
 type = "nop"
 """
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tlopt", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ),
-    )
 
 
 def write_images(root: Path, per_class: dict[str, int]) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
-import os
 import pickle
 import secrets
 import subprocess
@@ -34,6 +33,7 @@ from PIL import Image
 from sqlalchemy.engine import make_url
 
 from tests.conftest import TINY_DATA_MODEL
+from tests.conftest import cli as run_tlopt
 from tests.test_data import messy_folder, save
 from tlopt.config import load_config
 from tlopt.errors import StorageError
@@ -75,13 +75,7 @@ def folder_study(folder: Path, data: Path, extra: str = "") -> Path:
 
 def cli(*args: str, secret: str = "") -> subprocess.CompletedProcess[str]:
     """Run ``python -m tlopt``; no output may hold a traceback or ``secret``."""
-    done = subprocess.run(
-        [sys.executable, "-m", "tlopt", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ),  # cwd: the test's tmp_path (conftest), so as to write nothing here
-    )
+    done = run_tlopt(*args, timeout=300)  # in the test's tmp_path (conftest): writes nothing here
     assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
     if secret:
         assert secret not in done.stderr + done.stdout, "a password was printed"

@@ -14,19 +14,9 @@ import sys
 import termios
 from pathlib import Path
 
-from tests.test_tuning import TINY
+from tests.test_tuning import TINY, cli
 from tlopt.config import load_config
 from tlopt.tune import study as studies
-
-
-def _tlopt(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tlopt", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def _on_a_terminal(args: list[str], timeout: float = 600) -> str:
@@ -69,7 +59,7 @@ def test_worker_shows_a_bar_on_a_terminal_and_json_when_asked(tmp_path: Path) ->
     shown = _on_a_terminal(["worker", "--study", "tiny/head", "--storage", url, "--n-trials", "3"])
     assert "tiny/head" in shown and "3/3" in shown and "best val" in shown, shown[-2000:]
 
-    done = _tlopt("worker", "--study", "tiny/head", "--storage", url, "--json")
+    done = cli("worker", "--study", "tiny/head", "--storage", url, "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)  # stdout holds the JSON and nothing else
     assert summary["states"]["complete"] + summary["states"]["pruned"] == 6
@@ -78,7 +68,7 @@ def test_worker_shows_a_bar_on_a_terminal_and_json_when_asked(tmp_path: Path) ->
 
 
 def test_data_check_json(tmp_path: Path) -> None:
-    done = _tlopt("data", "check", "--source", "digits", "--json")
+    done = cli("data", "check", "--source", "digits", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert len(report["classes"]) == 10

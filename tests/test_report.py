@@ -9,10 +9,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +21,7 @@ from optuna.artifacts import get_all_artifact_meta
 from optuna_dashboard import get_note
 from PIL import Image
 
-from tests.conftest import TINY_DATA_MODEL
+from tests.conftest import TINY_DATA_MODEL, cli
 from tlopt.config import load_config
 from tlopt.export.bundle import export_best
 from tlopt.report import write_report
@@ -82,16 +79,6 @@ def stage_studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[s
             work(f"rep/{stage}", url, n_trials=n, on_trial_done=write_trial_artifacts)
         export_best("rep/freeze1", root / "export", url)
     return url, ["rep/head", "rep/freeze1", "rep/scratch"], root / "export"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tlopt", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=os.environ.copy(),
-    )
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 from optuna.trial import TrialState
 
 import tlopt
-from tests.conftest import TINY_DATA_MODEL
+from tests.conftest import TINY_DATA_MODEL, cli
 from tlopt.config import load_config
 from tlopt.errors import StudyError
 from tlopt.export.bundle import FILES, export_best
@@ -59,16 +58,6 @@ def tiny(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
     return path
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tlopt", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def finished(study: optuna.Study) -> int:
