@@ -1,7 +1,8 @@
 """Study storage: SQLite for one machine, PostgreSQL for many; artifacts beside them.
 
 Heartbeats and retries are on by default: a trial whose worker dies is failed after the grace
-period and re-queued with the same parameters (Optuna's ``RetryFailedTrialCallback``).
+period and re-queued with the same parameters (Optuna's ``RetryHeartbeatStaleTrialCallback``).
+A trial beats from the moment it is asked for (see tune/resilience.py).
 """
 
 from __future__ import annotations
