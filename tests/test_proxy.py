@@ -31,9 +31,10 @@ from tests.test_service import (  # noqa: F401 (_kill_leftover_workers: an autou
 )
 from tlopt.config import load_config
 from tlopt.tune import study as studies
+from tlopt.tune.budget import over_budget as _over_budget
 from tlopt.tune.proxy import StaleTrialWatcher
 from tlopt.tune.storage import open_storage
-from tlopt.tune.worker import _over_budget, work
+from tlopt.tune.worker import work
 
 pytestmark = pytest.mark.slow
 

@@ -23,9 +23,11 @@ from optuna.trial import TrialState
 from tests.conftest import TINY_DATA_MODEL
 from tlopt.config import load_config
 from tlopt.tune import study as studies
+from tlopt.tune.budget import next_trials as _next_trials
 from tlopt.tune.resilience import unbeaten_trials
+from tlopt.tune.sampling import make_sampler
 from tlopt.tune.storage import open_storage
-from tlopt.tune.worker import _next_trials, make_sampler, work
+from tlopt.tune.worker import work
 
 pytestmark = pytest.mark.slow
 
@@ -232,7 +234,7 @@ def test_sigterm_stops_cleanly_and_the_next_worker_retries(
 
 def test_gpu_slots_are_pinned_per_process() -> None:
     from tlopt.errors import TloptError
-    from tlopt.tune.worker import parse_gpus, slot_devices
+    from tlopt.tune.supervisor import parse_gpus, slot_devices
 
     assert slot_devices(["0", "1"], per_gpu=2, processes=1) == ["0", "0", "1", "1"]
     assert slot_devices(["0", "1"], per_gpu=1, processes=1, visible="2,3") == ["2", "3"]

@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 from tests.conftest import TINY_DATA_MODEL
 from tlopt.config import load_config
 from tlopt.errors import TloptError
+from tlopt.tune import budget, sampling, supervisor
 from tlopt.tune import study as studies
-from tlopt.tune import worker
 from tlopt.tune.storage import open_storage
 
 SPACE = """[search]
@@ -46,12 +46,12 @@ def _asker(url: str, tmp_path: Path, n_trials: int, search: str = SPACE) -> Any:
     studies.create(config, "head", url)
     storage = open_storage(url, 1, 4)
     study = optuna.load_study(
-        study_name="smp/head", storage=storage, sampler=worker.make_sampler(config.seed)
+        study_name="smp/head", storage=storage, sampler=sampling.make_sampler(config.seed)
     )
-    propose = functools.partial(worker._propose, config.space_for("head"), "head")
+    propose = functools.partial(sampling.propose, config.space_for("head"), "head")
 
     def ask(k: int) -> list[optuna.Trial]:
-        trials, done = worker._next_trials(
+        trials, done = budget.next_trials(
             study, storage, "smp/head", n_trials, k, config.storage.heartbeat_interval, propose
         )
         assert not done
@@ -110,10 +110,10 @@ def test_tpe_batches_after_its_start_up_are_distinct_too(
 
 
 def test_sampler_seed_is_the_study_seed_and_the_slot() -> None:
-    seeds = {worker.sampler_seed(s, slot, r) for s in (0, 1) for slot in (0, 1) for r in (0, 1)}
+    seeds = {sampling.sampler_seed(s, slot, r) for s in (0, 1) for slot in (0, 1) for r in (0, 1)}
     assert len(seeds) == 8  # study seed, slot and restart each change it
-    assert worker.sampler_seed(7, 2, 1) == worker.sampler_seed(7, 2, 1)  # and nothing else
-    sampler = worker.make_sampler(0)
+    assert sampling.sampler_seed(7, 2, 1) == sampling.sampler_seed(7, 2, 1)  # and nothing else
+    sampler = sampling.make_sampler(0)
     # Set, not left to Optuna's defaults (5.0 turned both on; 4.x had both off).
     assert sampler._constant_liar is True and sampler._multivariate is True
 
@@ -133,7 +133,7 @@ def test_one_seed_one_study_two_single_worker_runs_propose_the_same(tmp_path: Pa
     for run in ("a", "b"):
         url = f"sqlite:///{tmp_path}/{run}.db"
         studies.create(load_config(path), "head", url)
-        env = {k: v for k, v in os.environ.items() if k not in (worker.SLOT_ENV, "TLOPT_STORAGE")}
+        env = {k: v for k, v in os.environ.items() if k not in (sampling.SLOT_ENV, "TLOPT_STORAGE")}
         done = subprocess.run(
             [sys.executable, "-m", "tlopt", "worker", "--study", "smp/head", "--storage", url]
             + ["--heads-at-once", "2"],
@@ -151,14 +151,14 @@ def test_one_seed_one_study_two_single_worker_runs_propose_the_same(tmp_path: Pa
 
 
 def test_each_slot_gets_its_share_of_the_cores() -> None:
-    assert worker.slot_threads(2, None, {}, cores=2) == 1
-    assert worker.slot_threads(3, None, {}, cores=16) == 5
-    assert worker.slot_threads(8, None, {}, cores=2) == 1  # at least one
-    assert worker.slot_threads(1, None, {}, cores=12) == 12
-    assert worker.slot_threads(4, None, {"OMP_NUM_THREADS": "3"}, cores=16) == 3  # respected
-    assert worker.slot_threads(4, 6, {"OMP_NUM_THREADS": "3"}, cores=16) == 6  # --threads wins
-    assert worker.slot_threads(4, None, {"OMP_NUM_THREADS": "x"}, cores=16) == 4  # invalid
-    env = worker.slot_env({"PATH": "/bin"}, "sqlite:///s.db", None, 3, 1, 2)
+    assert supervisor.slot_threads(2, None, {}, cores=2) == 1
+    assert supervisor.slot_threads(3, None, {}, cores=16) == 5
+    assert supervisor.slot_threads(8, None, {}, cores=2) == 1  # at least one
+    assert supervisor.slot_threads(1, None, {}, cores=12) == 12
+    assert supervisor.slot_threads(4, None, {"OMP_NUM_THREADS": "3"}, cores=16) == 3  # respected
+    assert supervisor.slot_threads(4, 6, {"OMP_NUM_THREADS": "3"}, cores=16) == 6  # --threads wins
+    assert supervisor.slot_threads(4, None, {"OMP_NUM_THREADS": "x"}, cores=16) == 4  # invalid
+    env = supervisor.slot_env({"PATH": "/bin"}, "sqlite:///s.db", None, 3, 1, 2)
     assert env == {
         "PATH": "/bin",
         "TLOPT_STORAGE": "sqlite:///s.db",
@@ -196,13 +196,13 @@ def test_supervisor_numbers_its_slots_and_shares_the_cores(
         started.append(_Proc(args, env, codes))
         return started[-1]
 
-    monkeypatch.setattr(worker.subprocess, "Popen", popen)
-    monkeypatch.setattr(worker, "load", lambda *_args: None)
-    monkeypatch.setattr(worker, "available_cores", lambda: 6)
-    monkeypatch.setattr(worker.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(supervisor.subprocess, "Popen", popen)
+    monkeypatch.setattr(supervisor, "load", lambda *_args: None)
+    monkeypatch.setattr(supervisor, "available_cores", lambda: 6)
+    monkeypatch.setattr(supervisor.time, "sleep", lambda _s: None)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv(worker.SLOT_ENV, raising=False)
-    assert worker.supervise("x/head", "sqlite:////tmp/x.db", None, None, [], processes=3) == 0
+    monkeypatch.delenv(sampling.SLOT_ENV, raising=False)
+    assert supervisor.supervise("x/head", "sqlite:////tmp/x.db", None, None, [], processes=3) == 0
     slots = [(p.env["TLOPT_WORKER_SLOT"], p.env["TLOPT_WORKER_RESTARTS"]) for p in started]
     assert slots == [("0", "0"), ("1", "0"), ("2", "0"), ("1", "1")]
     assert {p.env["OMP_NUM_THREADS"] for p in started} == {"2"}
@@ -210,8 +210,8 @@ def test_supervisor_numbers_its_slots_and_shares_the_cores(
     # A user's OMP_NUM_THREADS is respected; TLOPT_WORKER_SLOT sets the first slot's number.
     started.clear()
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    monkeypatch.setenv(worker.SLOT_ENV, "10")
-    worker.supervise("x/head", "sqlite:////tmp/x.db", None, None, [], processes=2)
+    monkeypatch.setenv(sampling.SLOT_ENV, "10")
+    supervisor.supervise("x/head", "sqlite:////tmp/x.db", None, None, [], processes=2)
     assert [(p.env["TLOPT_WORKER_SLOT"], p.env["OMP_NUM_THREADS"]) for p in started][:2] == [
         ("10", "4"),
         ("11", "4"),
@@ -222,18 +222,18 @@ def test_supervisor_numbers_its_slots_and_shares_the_cores(
 
 
 def test_device_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert worker.check_device("cpu") == "cpu" and worker.check_device(None) is None
+    assert supervisor.check_device("cpu") == "cpu" and supervisor.check_device(None) is None
     with pytest.raises(TloptError, match="unknown device"):
-        worker.check_device("tpu")
+        supervisor.check_device("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for name in ("cuda", "gpu", "cuda:1"):
         with pytest.raises(TloptError, match="no CUDA device is visible.*--device cpu"):
-            worker.check_device(name)
+            supervisor.check_device(name)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert worker.check_device("gpu") == "cuda" and worker.check_device("GPU:1") == "cuda:1"
+    assert supervisor.check_device("gpu") == "cuda" and supervisor.check_device("GPU:1") == "cuda:1"
     with pytest.raises(TloptError, match="only 2 CUDA devices"):
-        worker.check_device("cuda:2")
+        supervisor.check_device("cuda:2")
 
 
 @pytest.mark.parametrize("device", ["cuda", "gpu"])

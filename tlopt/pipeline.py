@@ -58,7 +58,7 @@ class Placement:  # the worker's placement flags, checked as 'tlopt worker' chec
 def placement(
     gpus: str | None, per_gpu: str, processes: int, heads_at_once: int, device: str | None
 ) -> Placement:
-    from tlopt.tune.worker import check_device, parse_gpus
+    from tlopt.tune.supervisor import check_device, parse_gpus
 
     device, ids = check_device(device), parse_gpus(gpus)
     slots = 0 if per_gpu == "auto" else int(per_gpu) if per_gpu.isdigit() else -1
@@ -182,7 +182,8 @@ def _finished(name: str, url: str) -> int:
 
 def _stage(config: StudyConfig, stage: str, url: str, p: Placement, say: Any) -> dict[str, Any]:
     """Create (or reuse) the stage's study and run workers until it holds its budget."""
-    from tlopt.tune.worker import supervise, work
+    from tlopt.tune.supervisor import supervise
+    from tlopt.tune.worker import work
 
     name, budget = f"{config.name}/{stage}", config.n_trials
     if name not in study_names(open_storage(url)):

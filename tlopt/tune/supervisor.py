@@ -1,0 +1,239 @@
+"""Placement: worker processes per GPU or CPU slot, their threads and devices; restarts.
+
+The supervisor numbers its worker processes (``TLOPT_WORKER_SLOT``), pins each to its GPU with
+``CUDA_VISIBLE_DEVICES``, gives each its share of the CPU cores, restarts a slot whose process
+dies and passes SIGINT/SIGTERM on to all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from types import FrameType
+
+import torch
+
+from tlopt.errors import TloptError
+from tlopt.tune.sampling import RESTARTS_ENV, SLOT_ENV, worker_slot
+from tlopt.tune.storage import resolve_url
+from tlopt.tune.study import load
+
+log = logging.getLogger("tlopt.worker")
+
+
+def omp_threads(env: Mapping[str, str]) -> int | None:
+    """The thread count ``$OMP_NUM_THREADS`` asks for (its first level), if it is valid."""
+    first = env.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else None
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, as a cgroup cpuset sets it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def slot_threads(slots: int, threads: int | None, env: Mapping[str, str], cores: int) -> int:
+    """CPU threads per worker process: ``--threads``, else ``$OMP_NUM_THREADS``, else a share.
+
+    As torchrun does, each of ``slots`` processes gets ``cores // slots`` threads (at least
+    one): each with torch's default pool of every core, N processes on N cores ran one epoch
+    ten times slower than one process alone.
+
+    Example:
+        >>> slot_threads(3, None, {}, cores=16), slot_threads(4, None, {"OMP_NUM_THREADS": "2"}, 4)
+        (5, 2)
+    """
+    return threads or omp_threads(env) or max(1, cores // max(slots, 1))
+
+
+def slot_env(
+    env: Mapping[str, str],
+    url: str,
+    gpu: str | None,
+    slot: int,
+    restarts: int,
+    threads: int,
+) -> dict[str, str]:
+    """The environment of one worker process started by the supervisor.
+
+    The storage URL travels here, not in argv: ``ps`` would show its password.
+    """
+    return {
+        **env,
+        "TLOPT_STORAGE": url,
+        "CUDA_VISIBLE_DEVICES": gpu if gpu is not None else "",
+        SLOT_ENV: str(slot),
+        RESTARTS_ENV: str(restarts),
+        "OMP_NUM_THREADS": str(threads),
+    }
+
+
+def check_device(device: str | None) -> str | None:
+    """``--device`` as torch names it ("gpu" is "cuda"), or a one-line TloptError.
+
+    Example:
+        >>> check_device("cpu"), check_device(None), check_device("auto")
+        ('cpu', None, 'auto')
+    """
+    if device in (None, "", "auto"):
+        return device
+    assert device is not None
+    name = device.strip().lower()
+    if name == "gpu" or name.startswith("gpu:"):
+        name = "cuda" + name[3:]
+    try:
+        parsed = torch.device(name)
+    except RuntimeError:
+        raise TloptError(
+            f"--device {device}: unknown device; use cpu, cuda, cuda:N or auto"
+        ) from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+            raise TloptError(
+                f"--device {device}: no CUDA device is visible{where}; use --device cpu, or "
+                "--device auto to take a GPU when there is one"
+            )
+        if parsed.index is not None and parsed.index >= count:
+            raise TloptError(
+                f"--device {device}: only {count} CUDA devices are visible; use cuda:0.."
+                f"cuda:{count - 1}"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise TloptError(f"--device {device}: MPS is not available here; use --device cpu")
+    return name
+
+
+def parse_gpus(gpus: str | None) -> list[str]:
+    """``"0,1"`` -> ["0", "1"]; ``"all"`` -> every visible CUDA device; None/"" -> []."""
+    if not gpus or gpus == "none":
+        return []
+    if gpus == "all":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise TloptError(
+                "--gpus all: no CUDA device is visible; leave out --gpus to use the CPU"
+            )
+        return [str(i) for i in range(count)]
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not all(g.isdigit() for g in ids):
+        raise TloptError(f"--gpus '{gpus}' is not a comma-separated list of GPU ids (e.g. 0,1)")
+    return ids
+
+
+def slot_devices(
+    gpus: list[str], per_gpu: int, processes: int, visible: str = ""
+) -> list[str | None]:
+    """The ``CUDA_VISIBLE_DEVICES`` of each worker slot (None: a CPU slot).
+
+    GPU ids are indices into the devices this process sees, as torch numbers them; under a
+    scheduler that already set ``CUDA_VISIBLE_DEVICES`` (Slurm: "2,3"), index 0 is device "2".
+
+    Example:
+        >>> slot_devices(["0", "1"], per_gpu=2, processes=1, visible="2,3")
+        ['2', '2', '3', '3']
+    """
+    if not gpus:
+        return [None] * processes
+    devices = [v.strip() for v in visible.split(",") if v.strip()]
+    slots: list[str | None] = []
+    for gpu in gpus:
+        if devices and int(gpu) >= len(devices):
+            raise TloptError(
+                f"--gpus {gpu}: only {len(devices)} GPUs are visible (CUDA_VISIBLE_DEVICES="
+                f"{visible}); use ids 0..{len(devices) - 1}"
+            )
+        slots += [devices[int(gpu)] if devices else gpu] * per_gpu
+    return slots
+
+
+def supervise(
+    study_name: str,
+    storage_url: str | None,
+    n_trials: int | None,
+    timeout: float | None,
+    gpus: list[str],
+    per_gpu: int = 1,
+    processes: int = 1,
+    heads_at_once: int = 1,
+    compile: bool = False,
+    max_restarts: int = 3,
+    threads: int | None = None,
+) -> int:
+    """Run one worker process per slot (``per_gpu`` per GPU, or ``processes`` on the CPU).
+
+    ``per_gpu=0`` sizes each GPU's slots from its memory (``--per-gpu auto``, see placement).
+    Each slot is pinned with ``CUDA_VISIBLE_DEVICES``, gets its share of the CPU cores
+    (``slot_threads``) and its number (``slot_env``), and opens its own storage connection.
+    A slot whose process dies is restarted (up to ``max_restarts`` times) with its number;
+    SIGINT/SIGTERM are passed to every slot, which fail and re-queue their running trials
+    before exiting.
+    """
+    url = resolve_url(storage_url)
+    load(study_name, url)  # fail fast, in one line, on a wrong name or storage
+    slots = slot_devices(
+        gpus, max(per_gpu, 1), processes, os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    )
+    if gpus and per_gpu == 0:
+        from tlopt.tune.placement import auto_per_gpu
+
+        devices = list(dict.fromkeys(slots))
+        slots = [d for d in devices for _ in range(auto_per_gpu(study_name, url, str(d)))]
+    first = worker_slot()
+    per_slot = slot_threads(len(slots), threads, os.environ, available_cores())
+    log.info("%d worker processes with %d CPU threads each", len(slots), per_slot)
+    base = [sys.executable, "-m", "tlopt", "worker", "--study", study_name]
+    if n_trials:
+        base += ["--n-trials", str(n_trials)]
+    if timeout:
+        base += ["--timeout", str(timeout)]
+    base += ["--heads-at-once", str(heads_at_once)] + (["--compile"] if compile else [])
+
+    restarts = [0] * len(slots)
+
+    def start(i: int) -> subprocess.Popen[bytes]:
+        gpu = slots[i]
+        env = slot_env(os.environ, url, gpu, first + i, restarts[i], per_slot)
+        return subprocess.Popen(base + ["--device", "cpu" if gpu is None else "cuda"], env=env)
+
+    procs = [start(i) for i in range(len(slots))]
+    stopping = False
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    worst = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.5)
+            for i, p in enumerate(procs):
+                code = p.poll()
+                if code is None or code in (0, 2) or stopping:
+                    continue
+                if restarts[i] < max_restarts:
+                    restarts[i] += 1
+                    log.warning("slot %d (gpu %s) died with %d; restarting", i, slots[i], code)
+                    procs[i] = start(i)
+        for p in procs:
+            code = p.returncode or 0
+            worst = max(worst, 2 if code == 2 else (1 if code else 0))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return worst
