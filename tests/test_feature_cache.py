@@ -13,7 +13,7 @@ from tlopt.models.split import SplitModel
 from tlopt.models.stages import apply_stage, parse_stage
 from tlopt.train.data import ImageSet
 from tlopt.train.feature_cache import FeatureCache
-from tlopt.train.trainer import cached_prefix
+from tlopt.train.inputs import cached_prefix
 
 
 def test_least_recently_used_entries_go_first_and_the_log_says_so(

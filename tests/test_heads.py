@@ -12,8 +12,10 @@ from tlopt.models.backbones import create_backbone
 from tlopt.models.split import SplitModel
 from tlopt.models.stages import apply_stage, parse_stage
 from tlopt.train.data import ImageSet
+from tlopt.train.feature_cache import FeatureCache
 from tlopt.train.heads import HeadTask, fit_heads
-from tlopt.train.trainer import FitResult, NonFiniteLoss, TrainParams, _Inputs, fit
+from tlopt.train.inputs import cached_prefix
+from tlopt.train.trainer import FitResult, NonFiniteLoss, TrainParams, fit
 
 
 def _model() -> torch.nn.Module:
@@ -27,8 +29,8 @@ def _features(data: tuple[ImageSet, ImageSet]) -> tuple[torch.Tensor, ...]:
     model = _model().eval()  # as fit computes the prefix: BatchNorm on running statistics
     split = SplitModel(model, int(data[0].images.shape[1]))
     assert split.mode == "pooled"
-    train = _Inputs(split, data[0], True, {}).cached
-    val = _Inputs(split, data[1], False, {}).cached
+    train = cached_prefix(split, data[0], True, FeatureCache())
+    val = cached_prefix(split, data[1], False, FeatureCache())
     assert train is not None and val is not None
     head = split.classifier
     return train, val[0], head.weight, head.bias  # type: ignore[return-value]

@@ -7,7 +7,6 @@ may raise to stop, as the tuning layer does to prune), and may pass a checkpoint
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 import time
@@ -22,10 +21,10 @@ from torch import nn
 from tlopt.models.split import SplitModel
 from tlopt.models.stages import frozen_module_set, set_train_mode
 from tlopt.names import OPTIMIZERS
-from tlopt.progress import bar
 from tlopt.schedules import layer_scales, lr_factor, warmup_factor
 from tlopt.train.data import ImageSet
 from tlopt.train.feature_cache import DEFAULT_BYTES, FeatureCache
+from tlopt.train.inputs import Inputs, autocast, compiled
 
 log = logging.getLogger("tlopt.worker")
 # The feature budget of a fit given no cache of its caller (bytes).
@@ -124,102 +123,6 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {params.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
 
 
-class _Inputs:
-    """Training inputs as the trainable part sees them: cached prefix outputs, or images."""
-
-    def __init__(self, split: SplitModel, data: ImageSet, mirror: bool, cache: FeatureCache):
-        self.split, self.data, self.mirror = split, data, mirror
-        self.cached: torch.Tensor | None = None
-        if split.has_prefix:
-            # The cache belongs to one study, whose trials share the prefix's weights: the key
-            # names the data by content, the prefix by its cut, and the views.
-            cut = getattr(split.model, "cut", None)
-            what = data.name or f"object {id(data)}"
-            key = f"{what}|{split.mode}:{split.cut}|cut{cut}|mirror={mirror}"
-            self.cached = cache.get(key)
-            if self.cached is None:
-                self.cached = self._compute(cache)
-                if self.cached is not None:
-                    cache.put(key, self.cached, owner=None if data.name else data)
-
-    @torch.no_grad()
-    def _compute(self, cache: FeatureCache) -> torch.Tensor | None:
-        n = len(self.data)
-        with _autocast(self.data.images.device):
-            probe = self.split.prefix(self.data.batch(torch.arange(min(n, 2))))
-        per_item = probe[0].numel() * 4 * (2 if self.mirror else 1)
-        if not cache.fits(per_item * n):
-            log.info(
-                "frozen features of %s (%.0f MiB) exceed the feature cache (%.0f MiB): the "
-                "prefix runs every step",
-                self.data.name or "the images",
-                per_item * n / 2**20,
-                cache.max_bytes / 2**20,
-            )
-            return None
-        views = [False, True] if self.mirror else [False]
-        out = []
-        shown = bar(total=n * len(views), desc="frozen features", unit="img")
-        for flipped in views:
-            chunks = []
-            for start in range(0, n, 256):
-                index = torch.arange(start, min(start + 256, n), device=self.data.images.device)
-                flip = torch.full_like(index, flipped, dtype=torch.bool)
-                with _autocast(self.data.images.device):
-                    z = self.split.prefix(self.data.batch(index, flip)).float()
-                # Feature maps are kept as NHWC, so that a gathered batch is channels_last
-                # (see fit) without a copy per step; pooled vectors stay as they are.
-                chunks.append(z.permute(0, 2, 3, 1).contiguous() if z.dim() == 4 else z)
-                shown.update(len(index))
-            out.append(torch.cat(chunks))
-        shown.close()
-        return torch.stack(out)
-
-    def get(self, index: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
-        if self.cached is None:
-            x = self.data.batch(index, flip)
-            if self.split.has_prefix:
-                with torch.no_grad():
-                    x = self.split.prefix(x)
-            return x
-        # One gather; view 1 holds the mirror images. NHWC maps are viewed back as NCHW.
-        x = self.cached[0, index] if flip is None else self.cached[flip.long(), index]
-        return x.permute(0, 3, 1, 2) if x.dim() == 4 else x
-
-
-def cached_prefix(
-    split: SplitModel, data: ImageSet, mirror: bool, cache: FeatureCache
-) -> torch.Tensor | None:
-    """The frozen prefix's outputs for every image of ``data`` (``[views, N, ...]``: view 1
-    the mirror images when ``mirror``), kept in ``cache`` as ``fit`` keeps them; None when
-    they would not fit the cache limit."""
-    return _Inputs(split, data, mirror, cache).cached
-
-
-def compiled(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> Any:
-    """``torch.compile(fn)``: CUDA graphs on CUDA ("reduce-overhead"), inductor on the CPU.
-
-    ``dynamic=False``: one graph per batch shape (the search space has three batch sizes, plus
-    each epoch's last, shorter batch); past torch's recompile limit it runs eagerly.
-    """
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
-    return torch.compile(fn, mode=mode, dynamic=False)
-
-
-def _autocast(device: torch.device) -> Any:
-    # bf16 on CUDA devices that support it (the reference H100 figures); float32 elsewhere:
-    # on the CPU bf16 is slower, and fp16 on older GPUs would need a gradient scaler.
-    if device.type == "cuda" and _bf16_supported(device):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu", enabled=False)
-
-
-@functools.cache
-def _bf16_supported(device: torch.device) -> bool:
-    with torch.cuda.device(device):
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-
-
 def _mutable_keys(model: nn.Module) -> list[str]:
     """State-dict keys training can change: trainable params and non-frozen modules' buffers."""
     frozen = {id(m) for m in frozen_module_set(model)}
@@ -234,7 +137,7 @@ def _mutable_keys(model: nn.Module) -> list[str]:
 
 
 def evaluate(
-    split: SplitModel, inputs: _Inputs, labels: torch.Tensor, batch_size: int = 256
+    split: SplitModel, inputs: Inputs, labels: torch.Tensor, batch_size: int = 256
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over a whole split (one read from the device)."""
     set_train_mode(split.model, False)
@@ -243,7 +146,7 @@ def evaluate(
     with torch.no_grad():
         for start in range(0, n, batch_size):
             index = torch.arange(start, min(start + batch_size, n), device=labels.device)
-            with _autocast(labels.device):
+            with autocast(labels.device):
                 logits = split.rest(inputs.get(index, None)).float()
             total[0] += F.cross_entropy(logits, labels[index], reduction="sum")
             total[1] += (logits.argmax(1) == labels[index]).sum()
@@ -298,8 +201,8 @@ def fit(
     split = SplitModel(model, int(train.images.shape[1]))
     set_train_mode(model, False)
     cache = FeatureCache(CACHE_LIMIT_BYTES) if cache is None else cache
-    train_in = _Inputs(split, train, params.flip, cache)
-    val_in = _Inputs(split, val, False, cache)
+    train_in = Inputs(split, train, params.flip, cache)
+    val_in = Inputs(split, val, False, cache)
     rest = compiled(split.rest, device) if compile else split.rest
     optimizer = make_optimizer(params, param_groups(model, params.layer_decay))
     keys = _mutable_keys(model)
@@ -353,7 +256,7 @@ def fit(
             flip = None
             if params.flip:
                 flip = torch.rand(index.shape[0], generator=generator, device=device) < 0.5
-            with _autocast(device):
+            with autocast(device):
                 logits = rest(train_in.get(index, flip)).float()
             labels = train.labels[index]
             loss = F.cross_entropy(logits, labels, label_smoothing=params.label_smoothing)

@@ -20,7 +20,8 @@ from tlopt.models.backbones import classifier_name
 from tlopt.models.split import SplitModel
 from tlopt.models.stages import set_train_mode
 from tlopt.train.heads import HeadTask, fit_heads
-from tlopt.train.trainer import EpochRecord, FitResult, TrainParams, cached_prefix, fit
+from tlopt.train.inputs import cached_prefix
+from tlopt.train.trainer import EpochRecord, FitResult, TrainParams, fit
 from tlopt.tune.context import StudyContext
 from tlopt.tune.space import TrialSetup, suggest
 
