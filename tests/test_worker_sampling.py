@@ -17,6 +17,7 @@ import torch
 from optuna.trial import TrialState
 
 from tests.conftest import TINY_DATA_MODEL
+from tlopt import devices
 from tlopt.config import load_config
 from tlopt.errors import TloptError
 from tlopt.tune import budget, sampling, supervisor
@@ -222,18 +223,18 @@ def test_supervisor_numbers_its_slots_and_shares_the_cores(
 
 
 def test_device_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert supervisor.check_device("cpu") == "cpu" and supervisor.check_device(None) is None
+    assert devices.check_device("cpu") == "cpu" and devices.check_device(None) is None
     with pytest.raises(TloptError, match="unknown device"):
-        supervisor.check_device("tpu")
+        devices.check_device("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for name in ("cuda", "gpu", "cuda:1"):
         with pytest.raises(TloptError, match="no CUDA device is visible.*--device cpu"):
-            supervisor.check_device(name)
+            devices.check_device(name)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert supervisor.check_device("gpu") == "cuda" and supervisor.check_device("GPU:1") == "cuda:1"
+    assert devices.check_device("gpu") == "cuda" and devices.check_device("GPU:1") == "cuda:1"
     with pytest.raises(TloptError, match="only 2 CUDA devices"):
-        supervisor.check_device("cuda:2")
+        devices.check_device("cuda:2")
 
 
 @pytest.mark.parametrize("device", ["cuda", "gpu"])

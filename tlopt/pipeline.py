@@ -58,7 +58,8 @@ class Placement:  # the worker's placement flags, checked as 'tlopt worker' chec
 def placement(
     gpus: str | None, per_gpu: str, processes: int, heads_at_once: int, device: str | None
 ) -> Placement:
-    from tlopt.tune.supervisor import check_device, parse_gpus
+    from tlopt.devices import check_device
+    from tlopt.tune.supervisor import parse_gpus
 
     device, ids = check_device(device), parse_gpus(gpus)
     slots = 0 if per_gpu == "auto" else int(per_gpu) if per_gpu.isdigit() else -1

@@ -181,7 +181,8 @@ def _run_workers(
     compile: bool,
 ) -> tuple[int, Any]:
     """(exit code, this process's WorkerSummary or None when worker processes ran)."""
-    from tlopt.tune.supervisor import check_device, parse_gpus, supervise
+    from tlopt.devices import check_device
+    from tlopt.tune.supervisor import parse_gpus, supervise
     from tlopt.tune.worker import work
 
     device = check_device(device)

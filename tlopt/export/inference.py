@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import timm
-import torch
 from torch import nn
 
 from tlopt.data.images import bomb_guard, decode_rgb, is_image_file, read_bytes, resize_square
 from tlopt.data.source import DataWarning
+from tlopt.devices import pick_device
 from tlopt.errors import BadImage, DataError, TloptError
 from tlopt.export.descriptors import predict
 from tlopt.models.backbones import TLOPT_CROP_MODE, TLOPT_CROP_PCT, TLOPT_INTERPOLATION
@@ -111,19 +111,6 @@ def image_files(path: Path) -> list[tuple[Path, str]]:
     if not found:
         raise DataError(f"no image files (.jpg, .png, ...) under '{path}': pass another folder")
     return found
-
-
-def pick_device(device: str | None) -> torch.device:
-    """``auto`` (or None): the GPU when there is one, else the CPU; a named device is checked."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise TloptError(f"--device {device}: use auto, cpu, cuda or cuda:N") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise TloptError(f"--device {device}: no CUDA GPU is visible; use --device cpu or auto")
-    return chosen
 
 
 @dataclass

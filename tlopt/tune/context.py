@@ -22,6 +22,7 @@ from torch import nn
 from tlopt.config import StudyConfig
 from tlopt.data.cache import decode_source, labels, split_indices
 from tlopt.data.source import Source, open_source
+from tlopt.devices import pick_device
 from tlopt.errors import StudyError
 from tlopt.models.backbones import classifier_name, create_backbone, normalization
 from tlopt.models.stages import Stage, apply_stage, parse_stage
@@ -49,12 +50,6 @@ def open_config_source(config: StudyConfig, held_out: dict[str, str] | None = No
         max_bad_fraction=d.max_bad_fraction,
         held_out=held_out,
     )
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # What the interface does with a finished trial (the report package writes its

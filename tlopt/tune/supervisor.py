@@ -16,8 +16,6 @@ import time
 from collections.abc import Mapping
 from types import FrameType
 
-import torch
-
 from tlopt.errors import TloptError
 from tlopt.tune.sampling import RESTARTS_ENV, SLOT_ENV, worker_slot
 from tlopt.tune.storage import resolve_url
@@ -73,44 +71,6 @@ def slot_env(
         RESTARTS_ENV: str(restarts),
         "OMP_NUM_THREADS": str(threads),
     }
-
-
-def check_device(device: str | None) -> str | None:
-    """``--device`` as torch names it ("gpu" is "cuda"), or a one-line TloptError.
-
-    Example:
-        >>> check_device("cpu"), check_device(None), check_device("auto")
-        ('cpu', None, 'auto')
-    """
-    if device in (None, "", "auto"):
-        return device
-    assert device is not None
-    name = device.strip().lower()
-    if name == "gpu" or name.startswith("gpu:"):
-        name = "cuda" + name[3:]
-    try:
-        parsed = torch.device(name)
-    except RuntimeError:
-        raise TloptError(
-            f"--device {device}: unknown device; use cpu, cuda, cuda:N or auto"
-        ) from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
-            raise TloptError(
-                f"--device {device}: no CUDA device is visible{where}; use --device cpu, or "
-                "--device auto to take a GPU when there is one"
-            )
-        if parsed.index is not None and parsed.index >= count:
-            raise TloptError(
-                f"--device {device}: only {count} CUDA devices are visible; use cuda:0.."
-                f"cuda:{count - 1}"
-            )
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise TloptError(f"--device {device}: MPS is not available here; use --device cpu")
-    return name
 
 
 def parse_gpus(gpus: str | None) -> list[str]:

@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from tlopt.config import StudyConfig
+from tlopt.devices import check_device
 from tlopt.errors import TloptError
 from tlopt.names import ATTR
 from tlopt.progress import bar
@@ -39,7 +40,7 @@ from tlopt.tune.resilience import heartbeat, retrying
 from tlopt.tune.sampling import RESTARTS_ENV, env_int, make_sampler, propose, worker_slot
 from tlopt.tune.storage import mask_url, open_storage, resolve_url
 from tlopt.tune.study import load
-from tlopt.tune.supervisor import check_device, omp_threads
+from tlopt.tune.supervisor import omp_threads
 
 log = logging.getLogger("tlopt.worker")
 POLL_SECONDS = 2.0
