@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -41,3 +42,7 @@ DeviceOpt = Annotated[
     str, typer.Option(help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
 ]
 BatchOpt = Annotated[int, typer.Option(help="Images per forward pass.")]
+ModelDirOpt = Annotated[Path, typer.Option("--model", help="Folder written by export-best.")]
+ImagesOpt = Annotated[
+    Path, typer.Option("--images", help="Image file or folder (any layout, recursive).")
+]

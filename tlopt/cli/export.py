@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 
 from tlopt.cli.apps import app
-from tlopt.cli.common import BatchOpt, DeviceOpt, JsonOpt, StorageOpt, print_json
+from tlopt.cli.common import (
+    BatchOpt,
+    DeviceOpt,
+    ImagesOpt,
+    JsonOpt,
+    ModelDirOpt,
+    StorageOpt,
+    print_json,
+)
 
 
 @app.command("export-best")
@@ -49,8 +57,8 @@ def export_best(
 
 @app.command("extract")
 def extract(
-    model: Annotated[Path, typer.Option(help="Folder written by export-best.")],
-    images: Annotated[Path, typer.Option(help="Image file or folder (any layout, recursive).")],
+    model: ModelDirOpt,
+    images: ImagesOpt,
     out: Annotated[Path, typer.Option(help="Output .npy; a .csv of paths goes beside it.")],
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 128,
@@ -67,14 +75,12 @@ def extract(
 
 @app.command("predict")
 def predict(
-    model: Annotated[Path, typer.Option(help="Folder written by export-best.")],
-    images: Annotated[Path, typer.Option(help="Image file or folder (any layout, recursive).")],
+    model: ModelDirOpt,
+    images: ImagesOpt,
     out: Annotated[Path, typer.Option(help="Output CSV: path, class, one probability per class.")],
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 128,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON summary (only that) on stdout.")
-    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Predict the class of every image, prepared as the model was trained."""
     from tlopt.export.predict import predict_images
