@@ -51,7 +51,8 @@ def main() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # tlopt prints its own progress
-    for noisy in ("timm", "httpx", "urllib3", "botocore", "boto3", "s3transfer"):
+    # matplotlib.category: an INFO line per categorical axis of the report's figures.
+    for noisy in ("timm", "httpx", "urllib3", "botocore", "boto3", "s3transfer", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.showwarning = _warning_line  # type: ignore[assignment]
     warnings.filterwarnings("ignore", category=FutureWarning)

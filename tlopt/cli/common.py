@@ -25,8 +25,8 @@ def print_json(value: Any) -> None:
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4f}"
+        if isinstance(v, float):  # learning rates such as 3e-05 in scientific notation
+            return f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.0e}"
         if isinstance(v, dict):
             return " ".join(f"{k}={fmt(x)}" for k, x in v.items())
         return "-" if v is None else str(v)
