@@ -135,6 +135,6 @@ def test_bad_input_is_one_line(export: dict[str, Any], tmp_path: Path) -> None:
         predict_images(export["out"], tmp_path / "bad", tmp_path / "p.csv")
     with pytest.raises(TloptError, match="--batch-size 0: use at least 1"):
         predict_images(export["out"], Path(val), tmp_path / "p.csv", batch_size=0)
-    with pytest.raises(TloptError, match="--device cuda:x: use auto"):
+    with pytest.raises(TloptError, match="--device cuda:x: unknown device; use cpu, cuda"):
         predict_images(export["out"], Path(val), tmp_path / "p.csv", device="cuda:x")
     assert not (tmp_path / "p.csv").exists()
