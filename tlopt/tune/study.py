@@ -198,7 +198,7 @@ def create(
         "head": head,
         "version": tlopt.__version__,
     }
-    _create_whole(storage, name, config, attrs, mask_url(url))
+    _create_whole(storage, name, attrs, mask_url(url))
     result.created = True
     return result
 
@@ -236,7 +236,6 @@ def _masked(raw: dict[str, Any]) -> dict[str, Any]:
 def _create_whole(
     storage: optuna.storages.BaseStorage,
     name: str,
-    config: StudyConfig,
     attrs: dict[str, Any],
     where: str,
 ) -> None:
