@@ -31,7 +31,8 @@ from tlopt.data.source import open_source
 from tlopt.models.backbones import create_backbone, normalization
 from tlopt.models.stages import apply_stage, parse_stage, set_train_mode
 from tlopt.train.data import ImageSet
-from tlopt.train.trainer import TrainParams, fit
+from tlopt.train.ledger import TrainParams
+from tlopt.train.trainer import fit
 
 STAGES = ("head", "freeze1", "freeze2")
 

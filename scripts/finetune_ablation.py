@@ -4,6 +4,10 @@ warm-up and layer decay, all from the same head and the same seed.
     python scripts/finetune_ablation.py --study hymenoptera/freeze1 --storage sqlite:///x.db \
         --lr 3e-4 --epochs 10 --batch-size 16
 
+Other variants than the four (warm-up, layer decay) pairs: ``--variant`` once per run, each a
+comma-separated list of search-space fields with one value, e.g.
+``--variant warmup_epochs=1,layer_decay=0.7,label_smoothing=0.1 --variant optimizer=sgd,lr=1e-3``.
+
 The study must exist (``tlopt study create --stage freeze1``); its trials are not touched:
 every run is a replay through the trainer, as ``export-best`` does.
 """
@@ -11,6 +15,7 @@ every run is a replay through the trainer, as ``export-best`` does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,31 +40,40 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--variant", action="append", default=[], help="FIELD=VALUE,... (search-space fields)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     ctx = StudyContext(load(args.study, args.storage), args.device)
     rows = []
-    for warmup, layer_decay in VARIANTS:
+    variants = [_parse_variant(v) for v in args.variant] or [
+        {"warmup_epochs": w, "layer_decay": d} for w, d in VARIANTS
+    ]
+    base = {
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "decay": args.decay,
+        "dropout": args.dropout,
+        "warmup_epochs": 0.0,
+        "layer_decay": 1.0,
+    }
+    for variant in variants:
+        values = {**base, **variant}
         # Every searched value fixed: the trial replays this one setting.
-        ctx.space = dataclasses.replace(
-            ctx.space,
-            batch_size=(args.batch_size,),
-            epochs=(args.epochs,),
-            lr=(args.lr,),
-            decay=(args.decay,),
-            dropout=(args.dropout,),
-            warmup_epochs=(warmup,),
-            layer_decay=(layer_decay,),
-        )
-        fixed = {k: v[0] for k, v in ctx.space.decay_params.get(args.decay, {}).items()}
-        trial = optuna.trial.FixedTrial({f"{args.decay}.{k}": v for k, v in fixed.items()})
+        bn_train = values.pop("bn_train", None)
+        fields = {k: (v,) for k, v in values.items()}
+        ctx.space = dataclasses.replace(ctx.space, **fields, bn_train=bn_train)
+        decay = values["decay"]
+        fixed = {k: v[0] for k, v in ctx.space.decay_params.get(decay, {}).items()}
+        trial = optuna.trial.FixedTrial({f"{decay}.{k}": v for k, v in fixed.items()})
         result = run_trial(trial, ctx).result
         history = result.history
         rows.append(
             {
-                "warmup_epochs": warmup,
-                "layer_decay": layer_decay,
+                "variant": ",".join(f"{k}={v}" for k, v in variant.items()),
                 "epoch0_acc": history[0].val_accuracy,
                 "epoch1_acc": history[1].val_accuracy,
                 "epoch1_val_loss": history[1].val_loss,
@@ -75,13 +89,28 @@ def main() -> None:
         f"{args.study}: lr {args.lr:g}, {args.epochs} epochs, bs {args.batch_size}, "
         f"{args.decay}, dropout {args.dropout:g}, seed {ctx.config.seed}"
     )
-    print("warmup  layer_decay  epoch0 acc  epoch1 acc  epoch1 loss  best acc  best loss  epoch")
+    print("epoch0 acc  epoch1 acc  epoch1 loss  best acc  best loss  epoch  variant")
     for r in rows:
         print(
-            f"{r['warmup_epochs']:>6g}  {r['layer_decay']:>11g}  {r['epoch0_acc']:>10.4f}  "
+            f"{r['epoch0_acc']:>10.4f}  "
             f"{r['epoch1_acc']:>10.4f}  {r['epoch1_val_loss']:>11.4f}  {r['best_acc']:>8.4f}  "
-            f"{r['best_val_loss']:>9.4f}  {r['best_epoch']:>5d}"
+            f"{r['best_val_loss']:>9.4f}  {r['best_epoch']:>5d}  {r['variant']}"
         )
+
+
+def _parse_variant(text: str) -> dict[str, object]:
+    """``warmup_epochs=1,optimizer=sgd`` -> {"warmup_epochs": 1.0, "optimizer": "sgd"}."""
+    values: dict[str, object] = {}
+    for item in text.split(","):
+        key, _, raw = item.partition("=")
+        value: object = raw
+        if raw in ("true", "false"):
+            value = raw == "true"
+        else:
+            with contextlib.suppress(ValueError):
+                value = int(raw) if key in ("batch_size", "epochs") else float(raw)
+        values[key.strip()] = value
+    return values
 
 
 if __name__ == "__main__":

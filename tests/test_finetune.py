@@ -19,7 +19,8 @@ from tlopt.models.backbones import classifier_name, create_backbone
 from tlopt.models.stages import apply_stage, parse_stage
 from tlopt.schedules import layer_scales, warmup_factor
 from tlopt.train.data import ImageSet
-from tlopt.train.trainer import TrainParams, fit, param_groups
+from tlopt.train.ledger import TrainParams
+from tlopt.train.trainer import fit, param_groups
 from tlopt.tune.study import head_lost
 
 assert SIZE  # the digits fixture's image size

@@ -26,7 +26,7 @@ from tlopt.config import load_config
 from tlopt.export.bundle import export_best
 from tlopt.report import write_report
 from tlopt.report.trial_artifacts import write_trial_artifacts
-from tlopt.train.trainer import EpochRecord, TrainParams
+from tlopt.train.ledger import EpochRecord, TrainParams
 from tlopt.tune import study as studies
 from tlopt.tune.storage import artifact_store
 from tlopt.tune.worker import work

@@ -10,7 +10,8 @@ from tlopt.models.backbones import create_backbone, normalization
 from tlopt.models.stages import apply_stage, parse_stage
 from tlopt.train import trainer
 from tlopt.train.data import ImageSet
-from tlopt.train.trainer import NonFiniteLoss, TrainParams, fit
+from tlopt.train.ledger import NonFiniteLoss, TrainParams
+from tlopt.train.trainer import fit
 
 SIZE = 32
 

@@ -41,8 +41,8 @@ from tlopt.models.backbones import create_backbone, data_config
 from tlopt.models.cut import CutModel
 from tlopt.progress import bar
 from tlopt.train.data import ImageSet
+from tlopt.train.ledger import EpochRecord
 from tlopt.train.metrics import classification_metrics
-from tlopt.train.trainer import EpochRecord
 from tlopt.tune.context import StudyContext
 from tlopt.tune.runner import log_epoch, train_setup
 from tlopt.tune.space import suggest

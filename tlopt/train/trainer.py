@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -21,66 +19,15 @@ from torch import nn
 from tlopt.models.split import SplitModel
 from tlopt.models.stages import frozen_module_set, set_train_mode
 from tlopt.names import OPTIMIZERS
-from tlopt.schedules import layer_scales, lr_factor, warmup_factor
+from tlopt.schedules import layer_scales
 from tlopt.train.data import ImageSet
 from tlopt.train.feature_cache import DEFAULT_BYTES, FeatureCache
 from tlopt.train.inputs import Inputs, autocast, compiled
+from tlopt.train.ledger import EpochRecord, FitResult, Ledger, TrainParams, check_stop
 
 log = logging.getLogger("tlopt.worker")
 # The feature budget of a fit given no cache of its caller (bytes).
 CACHE_LIMIT_BYTES = DEFAULT_BYTES
-
-
-class Interrupted(RuntimeError):
-    """``should_stop`` said to stop (the worker got SIGTERM or SIGINT)."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite (the learning rate is usually too high)."""
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """Everything one training run needs besides the model and the data."""
-
-    batch_size: int
-    epochs: int
-    lr: float = 1e-3
-    decay: str = "constant"
-    decay_params: dict[str, float] = field(default_factory=dict)
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    patience: int = 0  # 0: no early stopping
-    flip: bool = True
-    bn_train: bool = False  # BatchNorm in train mode (batch statistics); see set_train_mode
-    warmup_epochs: float = 0.0  # linear warm-up of the rate, per step (fractions allowed)
-    layer_decay: float = 1.0  # rate scale per timm block group from the head down; 1: off
-    label_smoothing: float = 0.0  # of the training loss; validation loss stays plain
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    lr: float
-    seconds: float
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
-@dataclass
-class FitResult:
-    history: list[EpochRecord]
-    best_epoch: int
-    best_val_loss: float
-    best_val_accuracy: float
-    best_state: dict[str, torch.Tensor]
-    stopped_early: bool = False
 
 
 def param_groups(model: nn.Module, layer_decay: float = 1.0) -> list[dict[str, Any]]:
@@ -107,7 +54,7 @@ def param_groups(model: nn.Module, layer_decay: float = 1.0) -> list[dict[str, A
 
 
 def make_optimizer(
-    params: TrainParams, parameters: list[nn.Parameter] | list[dict[str, Any]]
+    params: TrainParams, parameters: list[torch.Tensor] | list[dict[str, Any]]
 ) -> torch.optim.Optimizer:
     """The optimizer named in ``params`` over ``parameters`` (tensors or param groups)."""
     if params.optimizer == "adam":
@@ -206,50 +153,48 @@ def fit(
     rest = compiled(split.rest, device) if compile else split.rest
     optimizer = make_optimizer(params, param_groups(model, params.layer_decay))
     keys = _mutable_keys(model)
-    history: list[EpochRecord] = []
-    best: dict[str, Any] = {"loss": math.inf, "accuracy": 0.0, "epoch": -1, "state": {}}
+    ledger = Ledger(params)
     if resume is not None:
         model.load_state_dict(resume["model"], strict=False)
         optimizer.load_state_dict(resume["optimizer"])
-        history = [EpochRecord(**r) for r in resume["history"]]
-        best = resume["best"]
+        ledger = Ledger(params, [EpochRecord(**r) for r in resume["history"]], resume["best"])
         _set_rng_states(resume, generator, device)
     elif record_start:
         began = time.perf_counter()
-        val_loss, val_acc = evaluate(split, val_in, val.labels)
-        nan = float("nan")
-        history.append(
-            EpochRecord(0, nan, nan, val_loss, val_acc, 0.0, time.perf_counter() - began)
+        record = ledger.record_start(
+            *evaluate(split, val_in, val.labels), time.perf_counter() - began
         )
         if on_epoch is not None:
-            on_epoch(history[-1], lambda: {})
-    start_epoch = history[-1].epoch if history else 0
+            on_epoch(record, lambda: {})
 
     def checkpoint() -> dict[str, Any]:
         state = model.state_dict()
         return {
             "model": {k: state[k].detach().clone() for k in keys},
             "optimizer": copy.deepcopy(optimizer.state_dict()),
-            "history": [r.as_dict() for r in history],
-            "best": best,
+            "history": [r.as_dict() for r in ledger.history],
+            "best": ledger.best,
             **_rng_states(generator, device),
         }
 
+    def best_state() -> dict[str, torch.Tensor]:
+        state = model.state_dict()
+        return {k: state[k].detach().clone() for k in keys}
+
     n = len(train)
-    steps = math.ceil(n / params.batch_size)
-    stopped_early = False
-    for epoch in range(start_epoch, params.epochs):
+    steps = ledger.steps(n)
+    while ledger.goes_on():
+        epoch = ledger.next_epoch
         began = time.perf_counter()
-        lr = params.lr * lr_factor(params.decay, epoch, params.epochs, **params.decay_params)
+        ledger.begin_epoch(epoch)
         set_train_mode(model, True, params.bn_train)
         order = torch.randperm(n, generator=generator, device=device)
         # Running sums stay on the device, read once at the epoch's end (no per-step sync).
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.long)
         for s in range(steps):
-            if should_stop is not None and should_stop():
-                raise Interrupted(f"stopped in epoch {epoch + 1}")
-            step_lr = lr * warmup_factor(epoch + (s + 1) / steps, params.warmup_epochs)
+            check_stop(should_stop, epoch)
+            step_lr = ledger.step_lr(epoch, s, steps)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr * group["lr_scale"]
             index = order[s * params.batch_size : (s + 1) * params.batch_size]
@@ -265,40 +210,20 @@ def fit(
             optimizer.step()
             loss_sum += loss.detach().double() * index.shape[0]
             correct += (logits.detach().argmax(1) == labels).sum()
-        train_loss = float(loss_sum) / n
-        if not math.isfinite(train_loss):
-            raise NonFiniteLoss(f"training loss became {train_loss} in epoch {epoch + 1}")
-        val_loss, val_acc = evaluate(split, val_in, val.labels)
-        if not math.isfinite(val_loss):
-            raise NonFiniteLoss(f"validation loss became {val_loss} in epoch {epoch + 1}")
-        record = EpochRecord(
-            epoch + 1,
-            train_loss,
-            int(correct) / n,
-            val_loss,
-            val_acc,
+        record = ledger.end_epoch(
+            epoch,
+            (float(loss_sum) / n, int(correct) / n),
+            evaluate(split, val_in, val.labels),
             step_lr,
             time.perf_counter() - began,
+            best_state,
         )
-        history.append(record)
-        if val_loss < best["loss"]:
-            state = model.state_dict()
-            best = {
-                "loss": val_loss,
-                "accuracy": val_acc,
-                "epoch": epoch + 1,
-                "state": {k: state[k].detach().clone() for k in keys},
-            }
         if on_epoch is not None:
             on_epoch(record, checkpoint)
-        if params.patience and epoch + 1 - best["epoch"] >= params.patience:
-            stopped_early = True
-            break
-    model.load_state_dict(best["state"], strict=False)
+    result = ledger.result()
+    model.load_state_dict(result.best_state, strict=False)
     set_train_mode(model, False)
-    return FitResult(
-        history, best["epoch"], best["loss"], best["accuracy"], best["state"], stopped_early
-    )
+    return result
 
 
 def _rng_states(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from tlopt.models.stages import Stage, apply_stage, parse_stage
 from tlopt.names import ATTR
 from tlopt.train.data import ImageSet
 from tlopt.train.feature_cache import FeatureCache
-from tlopt.train.trainer import EpochRecord, TrainParams
+from tlopt.train.ledger import EpochRecord, TrainParams
 from tlopt.tune.storage import artifact_store
 
 

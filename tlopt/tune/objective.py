@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from tlopt.models.backbones import classifier_name
 from tlopt.names import ATTR
-from tlopt.train.trainer import EpochRecord, FitResult, NonFiniteLoss, TrainParams
+from tlopt.train.ledger import EpochRecord, FitResult, NonFiniteLoss, TrainParams
 from tlopt.tune.checkpoints import drop_checkpoint, load_checkpoint, save_checkpoint
 from tlopt.tune.context import StudyContext
 from tlopt.tune.resilience import retrying
@@ -84,35 +84,31 @@ def head_objectives(
     setups = [suggest(t, ctx.space, "head") for t in trials]
     histories: list[list[EpochRecord]] = [[] for _ in trials]
     outcomes: list[float | BaseException] = [0.0] * len(trials)
-    for kind in sorted({s.params.optimizer for s in setups}):
-        group = [i for i, s in enumerate(setups) if s.params.optimizer == kind]
 
-        def on_epoch(j: int, record: EpochRecord, group: list[int] = group) -> None:
-            i = group[j]
-            histories[i].append(record)
-            report(trials[i], ctx, record, setups[i].params.epochs, histories[i])
+    def on_epoch(i: int, record: EpochRecord) -> None:
+        histories[i].append(record)
+        report(trials[i], ctx, record, setups[i].params.epochs, histories[i])
 
-        def on_done(j: int, result: FitResult | BaseException, group: list[int] = group) -> None:
-            i = group[j]
-            if isinstance(result, NonFiniteLoss):
-                outcomes[i] = _pruned_by(trials[i], histories[i], result)
-            elif isinstance(result, BaseException):
-                outcomes[i] = result
-            else:
-                seconds = (time.perf_counter() - began) / len(trials)
-                outcomes[i] = _finish(
-                    trials[i],
-                    ctx,
-                    setups[i].params,
-                    setups[i].dropout,
-                    result,
-                    result.best_state,
-                    seconds,
-                )
-            if on_outcome is not None:
-                on_outcome(i, outcomes[i])
+    def on_done(i: int, result: FitResult | BaseException) -> None:
+        if isinstance(result, NonFiniteLoss):
+            outcomes[i] = _pruned_by(trials[i], histories[i], result)
+        elif isinstance(result, BaseException):
+            outcomes[i] = result
+        else:
+            seconds = (time.perf_counter() - began) / len(trials)
+            outcomes[i] = _finish(
+                trials[i],
+                ctx,
+                setups[i].params,
+                setups[i].dropout,
+                result,
+                result.best_state,
+                seconds,
+            )
+        if on_outcome is not None:
+            on_outcome(i, outcomes[i])
 
-        fit_head_trials(ctx, [setups[i] for i in group], on_epoch, on_done)
+    fit_head_trials(ctx, setups, on_epoch, on_done)
     return outcomes
 
 

@@ -21,7 +21,8 @@ from tlopt.models.split import SplitModel
 from tlopt.models.stages import set_train_mode
 from tlopt.train.heads import HeadTask, fit_heads
 from tlopt.train.inputs import cached_prefix
-from tlopt.train.trainer import EpochRecord, FitResult, TrainParams, fit
+from tlopt.train.ledger import EpochRecord, FitResult, TrainParams
+from tlopt.train.trainer import fit
 from tlopt.tune.context import StudyContext
 from tlopt.tune.space import TrialSetup, suggest
 
@@ -119,7 +120,7 @@ def fit_head_trials(
     on_epoch: Callable[[int, EpochRecord], None],
     on_done: Callable[[int, FitResult | BaseException], None] | None = None,
 ) -> list[FitResult | BaseException]:
-    """``fit_heads`` over the study's cached pooled features (one optimizer kind)."""
+    """``fit_heads`` over the study's cached pooled features."""
     ready = _pooled_features(ctx, mirror=any(ctx.space.flip))
     assert ready is not None, "can_batch_heads said yes"
     weight, bias, features, val_features = ready

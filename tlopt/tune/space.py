@@ -14,7 +14,7 @@ import optuna
 
 from tlopt.config import Choice, FloatRange, SearchSpace
 from tlopt.schedules import DECAY_DEFAULTS
-from tlopt.train.trainer import TrainParams
+from tlopt.train.ledger import TrainParams
 
 
 def _pick(trial: optuna.trial.BaseTrial, name: str, space: Choice | FloatRange) -> Any:

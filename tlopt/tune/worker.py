@@ -31,7 +31,7 @@ from tlopt.devices import check_device
 from tlopt.errors import TloptError
 from tlopt.names import ATTR
 from tlopt.progress import bar
-from tlopt.train.trainer import Interrupted
+from tlopt.train.ledger import Interrupted
 from tlopt.tune.budget import next_trials, tell_trial
 from tlopt.tune.context import StudyContext, TrialDone
 from tlopt.tune.objective import can_batch_heads, head_objectives, objective
