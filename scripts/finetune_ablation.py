@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    ctx = StudyContext(load(args.study, args.storage), args.device)
+    ctx = StudyContext.open(load(args.study, args.storage), args.device)
     rows = []
     variants = [_parse_variant(v) for v in args.variant] or [
         {"warmup_epochs": w, "layer_decay": d} for w, d in VARIANTS
@@ -65,7 +65,8 @@ def main() -> None:
         # Every searched value fixed: the trial replays this one setting.
         bn_train = values.pop("bn_train", None)
         fields = {k: (v,) for k, v in values.items()}
-        ctx.space = dataclasses.replace(ctx.space, **fields, bn_train=bn_train)
+        space = dataclasses.replace(ctx.space, **fields, bn_train=bn_train)
+        ctx = dataclasses.replace(ctx, space=space)
         decay = values["decay"]
         fixed = {k: v[0] for k, v in ctx.space.decay_params.get(decay, {}).items()}
         trial = optuna.trial.FixedTrial({f"{decay}.{k}": v for k, v in fixed.items()})

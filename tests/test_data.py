@@ -382,3 +382,40 @@ def test_check_report_lists_unreadable_files(tmp_path):
     header = text.splitlines()[1].split()
     assert header == ["class", "train", "val", "test", "total"]
     assert text.splitlines()[4].split()[0] == "total"
+
+
+def test_a_verified_folder_is_hashed_not_decoded_again(tmp_path, monkeypatch):
+    """With ``verified``, the second read decodes only files whose bytes it has not seen."""
+    import tlopt.data.folder as folder
+
+    root = messy_folder(tmp_path / "pets")
+    kept = tmp_path / "cache"
+    with pytest.warns(DataWarning, match="skipped 3 unreadable"):
+        first = open_source("folder", root, max_bad_fraction=0.2, verified=kept)
+    assert (kept / folder.VerifiedImages.NAME).is_file()
+
+    decoded: list[str] = []
+    real_decode = folder.decode_rgb
+
+    def counting_decode(data: bytes, name: str):  # the real decoder, counted
+        decoded.append(Path(name).name)
+        return real_decode(data, name)
+
+    monkeypatch.setattr(folder, "decode_rgb", counting_decode)
+    with pytest.warns(DataWarning, match="skipped 3 unreadable"):
+        again = open_source("folder", root, max_bad_fraction=0.2, verified=kept)
+    assert sorted(decoded) == ["empty.jpg", "half.jpg", "text.JPG"]  # the bad ones only
+    assert again.fingerprint == first.fingerprint and again.items == first.items
+    assert again.sizes == first.sizes and dict(again.converted) == dict(first.converted)
+
+    decoded.clear()
+    write(root / "cats" / "03.jpg", b"no longer a JPEG")  # changed bytes: decoded, and bad
+    with pytest.warns(DataWarning, match="skipped 4 unreadable"):
+        changed = open_source("folder", root, max_bad_fraction=0.2, verified=kept)
+    assert "03.jpg" in decoded and changed.fingerprint != first.fingerprint
+
+    (kept / folder.VerifiedImages.NAME).write_text("{half written")  # a broken record: rebuilt
+    decoded.clear()
+    with pytest.warns(DataWarning):
+        open_source("folder", root, max_bad_fraction=0.2, verified=kept)
+    assert len(decoded) == 28

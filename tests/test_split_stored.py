@@ -40,11 +40,11 @@ def test_workers_on_another_numpy_use_the_stored_split(
     _another_numpy(monkeypatch)
     redrawn = open_config_source(config)  # what a worker without the stored split would see
     assert redrawn.fingerprint != study.user_attrs[ATTR + "fingerprint"]
-    ctx = StudyContext(study, "cpu")  # no "the data changed": the stored split is used
+    ctx = StudyContext.open(study, "cpu")  # no "the data changed": the stored split is used
     assert {i.key: i.split for i in ctx.source.items if i.split != "train"} == held_out
     assert ctx.source.fingerprint == study.user_attrs[ATTR + "fingerprint"]
 
     # A study from before the split was stored: the worker draws it again, and says so.
     study.set_user_attr(ATTR + "held_out", None)
     with pytest.raises(StudyError, match="changed since it was created"):
-        StudyContext(study, "cpu")
+        StudyContext.open(study, "cpu")

@@ -111,7 +111,7 @@ def test_stages_prune_chain_and_export(storage_url: str, tiny: Path, tmp_path: P
     model = tlopt.load_model(str(out))
     from tlopt.tune.context import StudyContext
 
-    ctx = StudyContext(freeze1, "cpu")
+    ctx = StudyContext.open(freeze1, "cpu")
     test = ctx.split("test")
     _, logits = predict(model, ImageSet(test.images, test.labels, ctx.mean, ctx.std))
     accuracy = float((logits.argmax(1) == test.labels.numpy()).mean())

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tlopt.data.images import bomb_guard, decode_rgb, is_image_file, read_bytes
 from tlopt.data.records import Contents, Record
@@ -16,6 +20,7 @@ from tlopt.data.split import assign_splits
 from tlopt.errors import BadImage, DataError
 
 _VAL_DIR_NAMES = ("val", "valid", "validation")
+log = logging.getLogger("tlopt.data")
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,15 @@ def read_folder(
     seed: int,
     max_bad_fraction: float,
     held_out: Mapping[str, str] | None = None,
+    verified: Path | None = None,
 ) -> Contents:
     """An image folder: ``root/<class>/...`` or ``root/train/<class>/...`` plus val (and test).
 
     Every image file is hashed and decoded once (that is how corrupt ones are found);
     unreadable files are skipped with a reason, unless they are more than ``max_bad_fraction``.
+    With ``verified`` (a folder), the digests of the files decoded without error are kept there
+    (:class:`VerifiedImages`), and a file whose bytes hash to a kept digest is not decoded
+    again: a worker's check of the data costs a hash per file, not a decode.
     """
     if not root.exists():
         raise DataError(
@@ -67,7 +76,7 @@ def read_folder(
     if not root.is_dir():
         raise DataError(f"data path '{root}' is a file, not a folder: pass the folder of classes")
     layout = _find_images(root)
-    reads = _read_all([f.path for f in layout.found])
+    reads = _read_all([f.path for f in layout.found], VerifiedImages(verified))
     good = [(f, r) for f, r in zip(layout.found, reads, strict=True) if isinstance(r, _Read)]
     bad = [(f, r) for f, r in zip(layout.found, reads, strict=True) if isinstance(r, BadImage)]
     classes = _check_classes(root, layout, good, bad)
@@ -160,20 +169,79 @@ def _walk_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_one(path: Path) -> _Read | BadImage:
-    """Read a file once: hash its bytes and decode those same bytes."""
+class VerifiedImages:
+    """The image contents this machine has decoded without error: digest -> (size, mode).
+
+    One JSON file in ``folder`` (the decoded-image cache), shared by every worker and study
+    here; keyed by the SHA-256 of the bytes, so a changed file is decoded again. Writers
+    replace the file whole (``os.replace``): two that race lose entries, which only costs a
+    decode later. ``folder=None`` keeps nothing.
+    """
+
+    NAME = "verified-images-v1.json"
+
+    def __init__(self, folder: Path | None):
+        self.path = Path(folder) / self.NAME if folder is not None else None
+        self.known = self._load()
+        self.added: dict[str, list[Any]] = {}
+
+    def _load(self) -> dict[str, list[Any]]:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            known = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # unreadable or half-written: start again
+            return {}
+        return known if isinstance(known, dict) else {}
+
+    def get(self, digest: str) -> _Read | None:
+        entry = self.known.get(digest)
+        if not (isinstance(entry, list) and len(entry) == 3):
+            return None
+        width, height, mode = entry
+        return _Read(digest, (int(width), int(height)), str(mode))
+
+    def add(self, read: _Read) -> None:
+        self.added[read.digest] = [read.size[0], read.size[1], read.mode]
+
+    def save(self) -> None:
+        if self.path is None or not self.added:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            merged = {**self._load(), **self.added}
+            with tempfile.NamedTemporaryFile(
+                "w", dir=self.path.parent, prefix=".verified-", delete=False
+            ) as out:
+                json.dump(merged, out, separators=(",", ":"))
+            os.replace(out.name, self.path)
+        except OSError as exc:  # a read-only cache costs decodes, not the run
+            log.warning("could not keep the verified images in %s: %s", self.path, exc)
+
+
+def _read_one(path: Path, verified: VerifiedImages) -> _Read | BadImage:
+    """Read a file once: hash its bytes and decode those same bytes (unless verified)."""
     try:
         data = read_bytes(path)
+        digest = hashlib.sha256(data).hexdigest()
+        known = verified.get(digest)
+        if known is not None:
+            return known
         img, mode = decode_rgb(data, str(path))
     except BadImage as exc:
         return exc
-    return _Read(hashlib.sha256(data).hexdigest(), img.size, mode)
+    return _Read(digest, img.size, mode)
 
 
-def _read_all(paths: Sequence[Path]) -> list[_Read | BadImage]:
+def _read_all(paths: Sequence[Path], verified: VerifiedImages) -> list[_Read | BadImage]:
     """Read and verify files on a thread pool (Pillow's decoders and hashlib release the GIL)."""
     with bomb_guard(), ThreadPoolExecutor() as pool:
-        return list(pool.map(_read_one, paths))
+        reads = list(pool.map(lambda p: _read_one(p, verified), paths))
+    for read in reads:
+        if isinstance(read, _Read):
+            verified.add(read)
+    verified.save()
+    return reads
 
 
 def _check_classes(

@@ -127,6 +127,7 @@ def open_source(
     seed: int = 0,
     max_bad_fraction: float = 0.1,
     held_out: Mapping[str, str] | None = None,
+    verified: Path | None = None,
 ) -> Source:
     """Read, verify and split a data source.
 
@@ -144,6 +145,8 @@ def open_source(
             refused rather than used with those files skipped.
         held_out: the val and test keys of the split tlopt carves, as a study stored them
             (:func:`held_out_keys`); given, they replace the seeded draw.
+        verified: a folder where a folder source keeps the digests of the files it decoded
+            without error, to hash and not decode them the next time (workers pass theirs).
 
     Returns:
         The verified :class:`Source`.
@@ -172,7 +175,9 @@ def open_source(
         raise DataError(f"data path {str(path)!r} contains a NUL character")
     if kind == "cifar10":
         return _assemble(kind, read_cifar10(folder, val_fraction, seed, held_out))
-    contents = read_folder(folder, val_fraction, test_fraction, seed, max_bad_fraction, held_out)
+    contents = read_folder(
+        folder, val_fraction, test_fraction, seed, max_bad_fraction, held_out, verified
+    )
     return _assemble(kind, contents)
 
 

@@ -87,7 +87,7 @@ def export_best(
     study = load(study_name, storage_url)
     best = best_trial(study)
     _prepare_out(out, force)
-    ctx = StudyContext(study, device, progress=True)
+    ctx = StudyContext.open(study, device, progress=True)
     replay = optuna.trial.FixedTrial(best.params, best.number)
     setup = suggest(replay, ctx.space, ctx.stage.name)
 

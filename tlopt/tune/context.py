@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from optuna.artifacts import download_artifact
 from torch import nn
 
-from tlopt.config import StudyConfig
+from tlopt.config import SearchSpace, StudyConfig
 from tlopt.data.cache import decode_source, labels, split_indices
 from tlopt.data.source import Source, open_source
 from tlopt.devices import pick_device
@@ -39,7 +39,11 @@ def cache_dir() -> Path:
 
 
 def open_config_source(config: StudyConfig, held_out: dict[str, str] | None = None) -> Source:
-    """The study's data; ``held_out``: the split a study stored (see ``open_source``)."""
+    """The study's data; ``held_out``: the split a study stored (see ``open_source``).
+
+    Each file's bytes are hashed, but only files this machine has not decoded before (its
+    record sits with the decoded images, :func:`cache_dir`) are decoded to check them.
+    """
     d = config.data
     return open_source(
         d.source,
@@ -49,6 +53,7 @@ def open_config_source(config: StudyConfig, held_out: dict[str, str] | None = No
         seed=config.seed,
         max_bad_fraction=d.max_bad_fraction,
         held_out=held_out,
+        verified=cache_dir(),
     )
 
 
@@ -57,11 +62,39 @@ def open_config_source(config: StudyConfig, held_out: dict[str, str] | None = No
 TrialDone = Callable[[optuna.Trial, "StudyContext", list[EpochRecord], TrainParams], None]
 
 
+@dataclass(frozen=True, eq=False)
 class StudyContext:
-    """The data on the device, the model factory and the head weights of one study."""
+    """The data on the device, the model factory and the head weights of one study.
 
-    def __init__(
-        self,
+    Built once per worker by :meth:`open` and never reassigned: the stop flag, the compile
+    option and the trial callback come in with it. Its three containers are caches that fill
+    as trials ask (the splits on the device, the frozen features, the head trials' start).
+    """
+
+    study_name: str
+    config: StudyConfig
+    stage: Stage
+    space: SearchSpace
+    classes: list[str]
+    device: torch.device
+    artifacts: Any  # an Optuna artifact store (tlopt.tune.storage.artifact_store)
+    source: Source
+    images: np.ndarray  # decoded, [N, H, W, 3] uint8 (memory-mapped from the cache)
+    labels: np.ndarray
+    index: dict[str, np.ndarray]
+    head_state: dict[str, torch.Tensor] | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    should_stop: Callable[[], bool] | None = None  # the worker's stop flag, checked every step
+    compile: bool = False  # tlopt worker --compile: torch.compile / CUDA graphs (trainer)
+    on_trial_done: TrialDone | None = None
+    sets: dict[str, ImageSet] = field(default_factory=dict)
+    prefix_cache: FeatureCache = field(default_factory=FeatureCache)  # shared by the trials
+    pooled_heads: dict[bool, Any] = field(default_factory=dict)  # runner: head trials' start
+
+    @classmethod
+    def open(
+        cls,
         study: optuna.Study,
         device: str | None = None,
         progress: bool = False,
@@ -69,48 +102,54 @@ class StudyContext:
         should_stop: Callable[[], bool] | None = None,
         compile: bool = False,
         on_trial_done: TrialDone | None = None,
-    ):
+    ) -> StudyContext:
+        """Everything from the study itself: its config, classes, split, data and head."""
         attrs = study.user_attrs
         if ATTR + "config" not in attrs:
             raise StudyError(
                 f"study '{study.study_name}' was not created by tlopt: "
                 "create one with 'tlopt study create --config FILE --stage STAGE'"
             )
-        self.study_name = study.study_name
-        self.config = StudyConfig.from_dict(attrs[ATTR + "config"], f"study '{study.study_name}'")
-        self.stage: Stage = parse_stage(attrs[ATTR + "stage"])
-        self.space = self.config.space_for(self.stage.name)
-        self.classes: list[str] = list(attrs[ATTR + "classes"])
-        self.device = pick_device(device)
-        self.artifacts = artifact_store(attrs[ATTR + "artifacts"])
+        config = StudyConfig.from_dict(attrs[ATTR + "config"], f"study '{study.study_name}'")
+        stage = parse_stage(attrs[ATTR + "stage"])
+        space = config.space_for(stage.name)
+        classes = list(attrs[ATTR + "classes"])
+        artifacts = artifact_store(attrs[ATTR + "artifacts"])
         # The split the study stored (studies made before it was stored draw it again).
-        self.source = open_config_source(self.config, attrs.get(ATTR + "held_out"))
-        if self.source.fingerprint != attrs[ATTR + "fingerprint"]:
+        source = open_config_source(config, attrs.get(ATTR + "held_out"))
+        if source.fingerprint != attrs[ATTR + "fingerprint"]:
             raise StudyError(
                 f"the data of study '{study.study_name}' changed since it was created "
-                f"(fingerprint {self.source.fingerprint[:12]} != "
+                f"(fingerprint {source.fingerprint[:12]} != "
                 f"{attrs[ATTR + 'fingerprint'][:12]}): restore the data or create a new study "
                 "with --name"
             )
-        self.images = decode_source(
-            self.source, self.config.data.image_size, cache_dir(), progress=progress
-        )
-        self.labels = labels(self.source)
-        self.index = split_indices(self.source)
-        self.head_state: dict[str, torch.Tensor] | None = None
+        head_state = None
         head = attrs.get(ATTR + "head")
-        if self.stage.from_head and head:
-            self.head_state = self._download_state(head["artifact_id"])
+        if stage.from_head and head:
+            head_state = _download_state(artifacts, head["artifact_id"])
             if "cut" in head.get("params", {}):  # the head fits only the cut it was trained at
-                self.space = replace(self.space, cut=(int(head["params"]["cut"]),))
-        probe = create_backbone(self.config.model.backbone, "none", len(self.classes))
-        self.mean, self.std = normalization(probe)
-        self.sets: dict[str, ImageSet] = {}
-        self.should_stop = should_stop  # the worker's stop flag, checked every batch
-        self.prefix_cache = FeatureCache()  # frozen features, shared by the study's trials
-        self.pooled_heads: dict[bool, Any] = {}  # runner: head trials' start, by mirror
-        self.compile = compile  # tlopt worker --compile: torch.compile / CUDA graphs (trainer)
-        self.on_trial_done = on_trial_done
+                space = replace(space, cut=(int(head["params"]["cut"]),))
+        mean, std = normalization(create_backbone(config.model.backbone, "none", len(classes)))
+        return cls(
+            study_name=study.study_name,
+            config=config,
+            stage=stage,
+            space=space,
+            classes=classes,
+            device=pick_device(device),
+            artifacts=artifacts,
+            source=source,
+            images=decode_source(source, config.data.image_size, cache_dir(), progress=progress),
+            labels=labels(source),
+            index=split_indices(source),
+            head_state=head_state,
+            mean=mean,
+            std=std,
+            should_stop=should_stop,
+            compile=compile,
+            on_trial_done=on_trial_done,
+        )
 
     def split(self, name: str) -> ImageSet:
         """One split (train, val, test) resident on the device, built once."""
@@ -142,12 +181,11 @@ class StudyContext:
         model.to(self.device)
         return model
 
-    def _download_state(self, artifact_id: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "head.safetensors"
-            download_artifact(
-                artifact_store=self.artifacts, file_path=str(path), artifact_id=artifact_id
-            )
-            return load_file(str(path))
+def _download_state(artifacts: Any, artifact_id: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "head.safetensors"
+        download_artifact(artifact_store=artifacts, file_path=str(path), artifact_id=artifact_id)
+        return load_file(str(path))

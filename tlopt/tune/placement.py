@@ -51,7 +51,7 @@ def probe(study_name: str, storage_url: str | None = None) -> dict[str, int]:
         raise TloptError("--per-gpu auto needs a CUDA device; pass --per-gpu N")
     torch.cuda.init()
     free, _total = torch.cuda.mem_get_info()
-    ctx = StudyContext(load(study_name, storage_url), "cuda")
+    ctx = StudyContext.open(load(study_name, storage_url), "cuda")
     space = ctx.space
     model = ctx.build_model(float(space.dropout[0]))
     params = TrainParams(batch_size=max(space.batch_size), epochs=1, flip=any(space.flip))

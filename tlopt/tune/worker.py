@@ -119,7 +119,7 @@ def work(
     budget = n_trials or config.n_trials
     timeout = timeout if timeout is not None else (config.timeout or None)
     STOP.clear()
-    ctx = StudyContext(
+    ctx = StudyContext.open(
         study,
         device,
         progress=True,
