@@ -36,9 +36,9 @@ from torch import nn
 import tlopt
 from tlopt.errors import TloptError
 from tlopt.export.descriptors import predict
-from tlopt.export.plots import confusion_plot, history_plots
 from tlopt.models.backbones import create_backbone, data_config
 from tlopt.models.cut import CutModel
+from tlopt.plots import confusion_plot, history_plots
 from tlopt.progress import bar
 from tlopt.train.data import ImageSet
 from tlopt.train.ledger import EpochRecord

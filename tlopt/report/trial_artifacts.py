@@ -12,50 +12,20 @@ import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import matplotlib
+import matplotlib.pyplot as plt
+import optuna
+from optuna.artifacts import upload_artifact
 
-matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-from optuna.artifacts import upload_artifact  # noqa: E402
-
-from tlopt.tune.resilience import retrying  # noqa: E402
+from tlopt.plots import curves_figure
+from tlopt.tune.resilience import retrying
 
 if TYPE_CHECKING:
     from tlopt.train.trainer import EpochRecord, TrainParams
     from tlopt.tune.context import StudyContext
 
 log = logging.getLogger("tlopt.worker")
-
-
-def curves_figure(history: Sequence[dict[str, Any]], title: str) -> plt.Figure:
-    """Loss, accuracy (%) and learning rate per epoch, train and validation, side by side."""
-    epochs = [h["epoch"] for h in history]
-    # 8.4 x 2.6 in at 90 dpi: about 760 x 230 px, legible as a dashboard thumbnail and full size.
-    # A fixed layout and fixed legend corners: constrained layout and loc="best" would triple
-    # the cost (about 0.1 s here instead of 0.3 s per trial).
-    fig, axes = plt.subplots(1, 3, figsize=(8.4, 2.6), dpi=90)
-    fig.subplots_adjust(left=0.075, right=0.99, bottom=0.18, top=0.8, wspace=0.4)
-    panels = (
-        ("loss", ("train_loss", "val_loss"), "cross-entropy (nats)", 1.0, "upper right"),
-        ("accuracy", ("train_accuracy", "val_accuracy"), "accuracy (%)", 100.0, "lower right"),
-        ("learning rate", ("lr",), "learning rate", 1.0, ""),
-    )
-    for ax, (name, keys, ylabel, scale, corner) in zip(axes, panels, strict=True):
-        for key, colour in zip(keys, ("#1f77b4", "#d62728"), strict=False):
-            values = [_finite(h[key]) * scale for h in history]
-            ax.plot(epochs, values, marker="o", markersize=3, color=colour, label=key.split("_")[0])
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if len(keys) > 1:
-            ax.legend(fontsize=8, loc=corner)
-    axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    fig.suptitle(title, fontsize=11)
-    return fig
 
 
 def note_markdown(trial_number: int, params: TrainParams, history: Sequence[EpochRecord]) -> str:
