@@ -48,10 +48,10 @@ def test_predict_agrees_with_the_export(export: dict[str, Any], tmp_path: Path) 
     assert sum(summary["class_counts"].values()) == 3 * 8
 
     with open(target, newline="") as handle:
-        assert next(csv.reader(handle)) == ["path", "class", *CLASSES]
+        assert next(csv.reader(handle)) == ["path", "class", *(f"p_{c}" for c in CLASSES)]
     rows = read_csv(target)
     assert len(rows) == 3 * 8
-    probs = np.array([[float(r[c]) for c in CLASSES] for r in rows])
+    probs = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
     assert [r["class"] for r in rows] == [CLASSES[i] for i in probs.argmax(axis=1)]
     counts = {c: sum(r["class"] == c for r in rows) for c in CLASSES}

@@ -37,7 +37,7 @@ def predict_images(
     device: str | None = None,
     batch_size: int = 128,
 ) -> dict[str, Any]:
-    """Write ``out``: one CSV row per readable image (path, class, one probability per class).
+    """Write ``out``: one CSV row per readable image (path, class, ``p_<class>`` per class).
 
     Args:
         model_dir: a folder written by ``tlopt export-best`` (or its ``model/`` folder).
@@ -69,7 +69,8 @@ def predict_images(
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "class", *classes])
+        # "p_" keeps a class named "path" or "class" from shadowing those columns.
+        writer.writerow(["path", "class", *(f"p_{name}" for name in classes)])
         for name, label, row in zip(result.names, predicted, probabilities, strict=True):
             writer.writerow([name, classes[label], *(f"{p:.9g}" for p in row)])
     counts = Counter(classes[i] for i in predicted)
