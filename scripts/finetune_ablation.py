@@ -81,6 +81,7 @@ def main() -> None:
                 "best_acc": result.best_val_accuracy,
                 "best_val_loss": result.best_val_loss,
                 "best_epoch": result.best_epoch,
+                "accs": [round(r.val_accuracy, 4) for r in history],
             }
         )
     if args.json:
@@ -95,7 +96,8 @@ def main() -> None:
         print(
             f"{r['epoch0_acc']:>10.4f}  "
             f"{r['epoch1_acc']:>10.4f}  {r['epoch1_val_loss']:>11.4f}  {r['best_acc']:>8.4f}  "
-            f"{r['best_val_loss']:>9.4f}  {r['best_epoch']:>5d}  {r['variant']}"
+            f"{r['best_val_loss']:>9.4f}  {r['best_epoch']:>5d}  {r['variant']}  "
+            f"(val acc by epoch: {' '.join(f'{a:.3f}' for a in r['accs'])})"
         )
 
 
