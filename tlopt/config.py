@@ -71,6 +71,10 @@ class SearchSpace:
     warmup_epochs: Choice = (0.0,)  # linear warm-up of the rate, in epochs (fractions allowed)
     layer_decay: Choice = (1.0,)  # rate scale per block group from the head down; 1: off
     label_smoothing: Choice = (0.0,)  # of the training loss
+    # Random-resized-crop augmentation: the smallest share of the image a training crop keeps
+    # (aspect 3/4..4/3, resized back to image_size); 1: off. Below 1 the frozen prefix runs
+    # every step (a crop changes its output), so head trials train one at a time.
+    crop_scale: Choice = (1.0,)
 
 
 # A fine-tuning stage starts from a trained head on a pretrained backbone, and the first full-

@@ -340,6 +340,7 @@ class Parser:
             label_smoothing=self.choices(
                 raw, "label_smoothing", base.label_smoothing, w, real(0, 0.5)
             ),
+            crop_scale=self.choices(raw, "crop_scale", base.crop_scale, w, real(0.05, 1)),
         )
 
     def pruner(self, raw: dict[str, Any]) -> PrunerConfig:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torchvision.ops import roi_align
 
 
 @dataclass
@@ -57,3 +59,28 @@ class ImageSet:
         x = (x - mean) / std
         x = x.contiguous(memory_format=torch.channels_last)  # see fit: faster on CUDA and CPU
         return x
+
+
+def random_resized_crop(
+    x: torch.Tensor, min_scale: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Each image of an NCHW batch cropped at random and resized back to its size.
+
+    As torchvision's ``RandomResizedCrop``, on the device and for the whole batch at once: a
+    box of area share U(``min_scale``, 1) and aspect ratio log-uniform in [3/4, 4/3] (clipped
+    to the image), placed uniformly, sampled bilinearly (``roi_align``, one sample per output
+    pixel, so a box of the whole image gives the image back).
+    """
+    n, _, h, w = x.shape
+    u = torch.rand(n, 4, generator=generator, device=x.device)
+    area = min_scale + (1.0 - min_scale) * u[:, 0]
+    aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])
+    box_w = torch.sqrt(area * aspect).clamp(max=1.0) * w
+    box_h = torch.sqrt(area / aspect).clamp(max=1.0) * h
+    x0, y0 = u[:, 2] * (w - box_w), u[:, 3] * (h - box_h)
+    image = torch.arange(n, device=x.device, dtype=torch.float32)
+    boxes = torch.stack([image, x0, y0, x0 + box_w, y0 + box_h], dim=1)
+    out = roi_align(
+        x.float(), boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True
+    )
+    return out.contiguous(memory_format=torch.channels_last)

@@ -3,8 +3,9 @@
 With flips as the only augmentation, the frozen prefix of a stage maps each image (and its
 mirror) to the same tensor in every epoch of every trial: :class:`Inputs` computes those
 outputs once into a :class:`~tlopt.train.feature_cache.FeatureCache` and serves batches from
-it (or, where they do not fit, runs the prefix per batch). Also the precision and compilation
-the trainer runs the trainable part with.
+it (or, where they do not fit, runs the prefix per batch). Random-resized crops change what
+the prefix sees at every step, so with them the prefix runs per batch. Also the precision and
+compilation the trainer runs the trainable part with.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from tlopt.models.split import SplitModel
 from tlopt.progress import bar
-from tlopt.train.data import ImageSet
+from tlopt.train.data import ImageSet, random_resized_crop
 from tlopt.train.feature_cache import FeatureCache
 
 log = logging.getLogger("tlopt.worker")
@@ -27,10 +28,17 @@ log = logging.getLogger("tlopt.worker")
 class Inputs:
     """Training inputs as the trainable part sees them: cached prefix outputs, or images."""
 
-    def __init__(self, split: SplitModel, data: ImageSet, mirror: bool, cache: FeatureCache):
-        self.split, self.data, self.mirror = split, data, mirror
+    def __init__(
+        self,
+        split: SplitModel,
+        data: ImageSet,
+        mirror: bool,
+        cache: FeatureCache,
+        crop_scale: float = 1.0,
+    ):
+        self.split, self.data, self.mirror, self.crop_scale = split, data, mirror, crop_scale
         self.cached: torch.Tensor | None = None
-        if split.has_prefix:
+        if split.has_prefix and crop_scale >= 1.0:
             # The cache belongs to one study, whose trials share the prefix's weights: the key
             # names the data by content, the prefix by its cut, and the views.
             cut = getattr(split.model, "cut", None)
@@ -75,9 +83,18 @@ class Inputs:
         shown.close()
         return torch.stack(out)
 
-    def get(self, index: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    def get(
+        self,
+        index: torch.Tensor,
+        flip: torch.Tensor | None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The batch ``index`` (mirrored where ``flip``; cropped at random from ``generator``
+        when the inputs crop)."""
         if self.cached is None:
             x = self.data.batch(index, flip)
+            if self.crop_scale < 1.0 and generator is not None:
+                x = random_resized_crop(x, self.crop_scale, generator)
             if self.split.has_prefix:
                 with torch.no_grad():
                     x = self.split.prefix(x)

@@ -45,6 +45,7 @@ class TrainParams:
     warmup_epochs: float = 0.0  # linear warm-up of the rate, per step (fractions allowed)
     layer_decay: float = 1.0  # rate scale per timm block group from the head down; 1: off
     label_smoothing: float = 0.0  # of the training loss; validation loss stays plain
+    crop_scale: float = 1.0  # random-resized crops keep at least this share of the image; 1: off
 
 
 @dataclass

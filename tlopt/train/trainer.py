@@ -148,7 +148,7 @@ def fit(
     split = SplitModel(model, int(train.images.shape[1]))
     set_train_mode(model, False)
     cache = FeatureCache(CACHE_LIMIT_BYTES) if cache is None else cache
-    train_in = Inputs(split, train, params.flip, cache)
+    train_in = Inputs(split, train, params.flip, cache, params.crop_scale)
     val_in = Inputs(split, val, False, cache)
     rest = compiled(split.rest, device) if compile else split.rest
     optimizer = make_optimizer(params, param_groups(model, params.layer_decay))
@@ -202,7 +202,7 @@ def fit(
             if params.flip:
                 flip = torch.rand(index.shape[0], generator=generator, device=device) < 0.5
             with autocast(device):
-                logits = rest(train_in.get(index, flip)).float()
+                logits = rest(train_in.get(index, flip, generator)).float()
             labels = train.labels[index]
             loss = F.cross_entropy(logits, labels, label_smoothing=params.label_smoothing)
             optimizer.zero_grad(set_to_none=True)

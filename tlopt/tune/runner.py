@@ -145,7 +145,7 @@ def can_batch_heads(ctx: StudyContext) -> bool:
     Computes the features (with mirror images, when flips are searched) into the study's
     prefix cache, as the first trial would.
     """
-    if ctx.stage.name != "head" or ctx.space.cut:
+    if ctx.stage.name != "head" or ctx.space.cut or min(ctx.space.crop_scale) < 1:
         return False
     return _pooled_features(ctx, mirror=any(ctx.space.flip)) is not None
 

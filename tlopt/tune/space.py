@@ -59,6 +59,7 @@ def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace, stage: str = "hea
         warmup_epochs=float(_pick(trial, "warmup_epochs", space.warmup_epochs)),
         layer_decay=float(_pick(trial, "layer_decay", space.layer_decay)),
         label_smoothing=float(_pick(trial, "label_smoothing", space.label_smoothing)),
+        crop_scale=float(_pick(trial, "crop_scale", space.crop_scale)),
     )
     dropout = float(_pick(trial, "dropout", space.dropout))
     cut = int(_pick(trial, "cut", space.cut)) if space.cut else None
@@ -79,6 +80,7 @@ def space_size(space: SearchSpace) -> int | None:
         space.warmup_epochs,
         space.layer_decay,
         space.label_smoothing,
+        space.crop_scale,
     ):
         if isinstance(choice, FloatRange):
             return None
