@@ -119,13 +119,6 @@ def create(
     stage = parse_stage(stage_name)
     url = resolve_url(storage_url, config.storage.url)
     name = name or f"{config.name}/{stage.name}"
-    held_out = _head_split(storage_url, config, stage, name)
-    source = open_config_source(config, held_out)
-    classes = list(source.classes)
-    counts = {split: sum(c.values()) for split, c in source.counts().items()}
-    model = create_backbone(config.model.backbone, "none", len(classes))
-    freeze = config.model.freeze_modules if stage.name != "head" else None
-    plan = apply_stage(model, stage, freeze_modules=freeze)
     storage = open_storage(
         url,
         config.storage.heartbeat_interval,
@@ -133,21 +126,24 @@ def create(
         config.storage.max_retry,
     )
     existing = study_names(storage)
+    head_study = _head_study(storage, existing, stage, name)
+    # A fine-tuning stage validates on its head study's split: the one that study stored.
+    held_out = head_study.user_attrs.get(ATTR + "held_out") if head_study else None
+    source = open_config_source(config, held_out)
+    classes = list(source.classes)
+    counts = {split: sum(c.values()) for split, c in source.counts().items()}
+    model = create_backbone(config.model.backbone, "none", len(classes))
+    freeze = config.model.freeze_modules if stage.name != "head" else None
+    plan = apply_stage(model, stage, freeze_modules=freeze)
     head: dict[str, Any] | None = None
-    if stage.from_head:
-        head_name = f"{_prefix(name)}/head"
-        if head_name not in existing:
-            raise StudyError(
-                f"stage '{stage.name}' starts from the best 'head' trial, but there is no study "
-                f"'{head_name}': run 'tlopt study create --config FILE --stage head' and "
-                f"'tlopt worker --study {head_name}' first"
-            )
-        head_study = optuna.load_study(study_name=head_name, storage=storage)
+    if head_study is not None:
         best = best_trial(head_study)
         if ATTR + "head_artifact" not in best.user_attrs:
-            raise StudyError(f"the best trial of '{head_name}' has no saved head weights")
+            raise StudyError(
+                f"the best trial of '{head_study.study_name}' has no saved head weights"
+            )
         head = {
-            "study": head_name,
+            "study": head_study.study_name,
             "trial": best.number,
             "value": best.value,
             "val_accuracy": best.user_attrs.get("val_accuracy"),
@@ -203,18 +199,20 @@ def create(
     return result
 
 
-def _head_split(
-    storage_url: str | None, config: StudyConfig, stage: Stage, name: str
-) -> dict[str, str] | None:
-    """A fine-tuning stage validates on its head study's split: the one that study stored."""
+def _head_study(
+    storage: optuna.storages.BaseStorage, existing: list[str], stage: Stage, name: str
+) -> optuna.Study | None:
+    """The head study a fine-tuning stage starts from (None for head and scratch)."""
     if not stage.from_head:
         return None
-    url = resolve_url(storage_url, config.storage.url)
-    try:
-        head = optuna.load_study(study_name=f"{_prefix(name)}/head", storage=open_storage(url))
-    except KeyError:  # no head study: create() says what to run
-        return None
-    return head.user_attrs.get(ATTR + "held_out")  # type: ignore[no-any-return]
+    head_name = f"{_prefix(name)}/head"
+    if head_name not in existing:
+        raise StudyError(
+            f"stage '{stage.name}' starts from the best 'head' trial, but there is no study "
+            f"'{head_name}': run 'tlopt study create --config FILE --stage head' and "
+            f"'tlopt worker --study {head_name}' first"
+        )
+    return optuna.load_study(study_name=head_name, storage=storage)
 
 
 def snapshot(config: StudyConfig) -> dict[str, Any]:
