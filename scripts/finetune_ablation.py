@@ -22,6 +22,10 @@ import logging
 
 import optuna
 
+from tlopt.models.split import SplitModel
+from tlopt.train.feature_cache import FeatureCache
+from tlopt.train.inputs import Inputs
+from tlopt.train.trainer import evaluate
 from tlopt.tune.context import StudyContext
 from tlopt.tune.runner import run_trial
 from tlopt.tune.study import load
@@ -70,8 +74,14 @@ def main() -> None:
         decay = values["decay"]
         fixed = {k: v[0] for k, v in ctx.space.decay_params.get(decay, {}).items()}
         trial = optuna.trial.FixedTrial({f"{decay}.{k}": v for k, v in fixed.items()})
-        result = run_trial(trial, ctx).result
-        history = result.history
+        run = run_trial(trial, ctx)
+        result, history = run.result, run.result.history
+        test_acc = None
+        if ctx.has_split("test"):  # the best epoch's weights on the held-out test split
+            test = ctx.split("test")
+            split = SplitModel(run.model, int(test.images.shape[1]))
+            inputs = Inputs(split, test, False, FeatureCache())
+            test_acc = evaluate(split, inputs, test.labels)[1]
         rows.append(
             {
                 "variant": ",".join(f"{k}={v}" for k, v in variant.items()),
@@ -82,6 +92,7 @@ def main() -> None:
                 "best_val_loss": result.best_val_loss,
                 "best_epoch": result.best_epoch,
                 "accs": [round(r.val_accuracy, 4) for r in history],
+                "test_acc": test_acc,
             }
         )
     if args.json:
@@ -96,7 +107,8 @@ def main() -> None:
         print(
             f"{r['epoch0_acc']:>10.4f}  "
             f"{r['epoch1_acc']:>10.4f}  {r['epoch1_val_loss']:>11.4f}  {r['best_acc']:>8.4f}  "
-            f"{r['best_val_loss']:>9.4f}  {r['best_epoch']:>5d}  {r['variant']}  "
+            f"{r['best_val_loss']:>9.4f}  {r['best_epoch']:>5d}  {r['variant']}  test acc "
+            f"{r['test_acc'] if r['test_acc'] is None else round(r['test_acc'], 4)}  "
             f"(val acc by epoch: {' '.join(f'{a:.3f}' for a in r['accs'])})"
         )
 

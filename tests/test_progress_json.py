@@ -73,3 +73,16 @@ def test_data_check_json(tmp_path: Path) -> None:
     report = json.loads(done.stdout)
     assert len(report["classes"]) == 10
     assert sum(sum(c.values()) for c in report["counts"].values()) == 1797
+
+
+def test_quiet_silences_every_bar_whatever_its_caller_asked(monkeypatch) -> None:
+    """--quiet (TLOPT_QUIET=1) wins over a caller's disable=None; callers may pass disable."""
+    from tlopt.progress import QUIET_ENV, bar
+
+    monkeypatch.setenv(QUIET_ENV, "1")
+    for disable in (None, False, True):
+        with bar(total=3, desc="decoding images", disable=disable) as shown:
+            assert shown.disable
+    monkeypatch.delenv(QUIET_ENV)
+    with bar(total=3, disable=True) as shown:
+        assert shown.disable

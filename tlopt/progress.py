@@ -17,13 +17,15 @@ VERBOSE_ENV = "TLOPT_VERBOSE"  # tlopt --verbose: every epoch's log line, in wor
 
 def bar(total: float | None = None, desc: str = "", unit: str = "it", **kw: Any) -> tqdm:
     """A tqdm bar on stderr; ``disable=None`` is tqdm's "only on a terminal"."""
-    quiet = os.environ.get(QUIET_ENV) == "1"
+    disable = kw.pop("disable", None)
+    if os.environ.get(QUIET_ENV) == "1":
+        disable = True
     size = shutil.get_terminal_size((100, 24))
     return tqdm(
         total=total,
         desc=desc,
         unit=unit,
-        disable=True if quiet else kw.pop("disable", None),
+        disable=disable,
         # The terminal's size, or 100 x 24 where it reports none (a pty never sized, which
         # tqdm would fill with empty lines).
         ncols=size.columns,
