@@ -111,6 +111,7 @@ def test_one_image_file(export: dict[str, Any], tmp_path: Path) -> None:
     assert summary["count"] == 1 and [r["path"] for r in rows] == [str(image)]
 
 
+@pytest.mark.slow  # CLI subprocesses (a worker, or one per bad input): the full tier
 def test_bad_input_is_one_line(export: dict[str, Any], tmp_path: Path) -> None:
     out, val = str(export["out"]), str(export["root"] / "val")
     csv_out = str(tmp_path / "p.csv")

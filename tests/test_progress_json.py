@@ -14,6 +14,8 @@ import sys
 import termios
 from pathlib import Path
 
+import pytest
+
 from tests.test_tuning import TINY, cli
 from tlopt.config import load_config
 from tlopt.tune import study as studies
@@ -51,6 +53,7 @@ def _on_a_terminal(args: list[str], timeout: float = 600) -> str:
     return seen.decode(errors="replace")
 
 
+@pytest.mark.slow  # CLI subprocesses (a worker, or one per bad input): the full tier
 def test_worker_shows_a_bar_on_a_terminal_and_json_when_asked(tmp_path: Path) -> None:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)

@@ -86,6 +86,7 @@ def trials(run: Path) -> dict[str, list[tuple[int, str, Any]]]:
     }
 
 
+@pytest.mark.slow  # CLI subprocesses (a worker, or one per bad input): the full tier
 def test_tune_runs_the_stages_exports_reports_and_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -171,6 +171,7 @@ def one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> Non
         assert needle in errors[0], errors[0]
 
 
+@pytest.mark.slow  # CLI subprocesses (a worker, or one per bad input): the full tier
 def test_bad_input_gives_one_line_and_the_command(
     sqlite_storage_url: str, tiny: Path, tmp_path: Path
 ) -> None:
