@@ -97,6 +97,15 @@ def test_single_example_single_class() -> None:
     assert m["confusion_matrix"] == [[1]]
 
 
+def test_a_perfect_model_scores_exactly_one() -> None:
+    """Found by test_invariants: per-class weights support/total summed to 1 + 2e-16."""
+    y = [3, 0, 1, 4, 5, 0, 0, 2, 1, 1, 0, 5, 4, 1, 2, 5, 4, 3, 1, 5]
+    y += [5, 2, 2, 4, 5, 4, 5, 1, 5, 1, 2, 1, 4, 0, 0, 5, 4, 2, 1]
+    m = classification_metrics(y, y, [f"c{i}" for i in range(6)])
+    for key in ("precision", "recall", "f1"):
+        assert m[f"{key}_weighted"] == m[f"{key}_macro"] == m["accuracy"] == 1.0
+
+
 @given(
     data=st.data(),
     num_classes=st.integers(min_value=1, max_value=6),

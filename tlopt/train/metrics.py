@@ -84,13 +84,15 @@ def classification_metrics(
     num_classes = len(names)
     confusion = np.bincount(true * num_classes + pred, minlength=num_classes**2)
     confusion = confusion.reshape(num_classes, num_classes)
-    weights = np.asarray(support, dtype=np.float64) / total
+    counts = np.asarray(support, dtype=np.float64)
 
     def macro(values: np.ndarray) -> float:
         return float(np.mean(values))
 
     def weighted(values: np.ndarray) -> float:
-        return float(np.sum(values * weights))
+        # Weighted by the counts, divided once: sum(support / total) can round above 1, and a
+        # perfect model then scored 1.0000000000000002.
+        return float(np.sum(values * counts) / total)
 
     return {
         "count": total,
