@@ -167,19 +167,18 @@ def fit(
         if on_epoch is not None:
             on_epoch(record, lambda: {})
 
-    def checkpoint() -> dict[str, Any]:
+    def mutable_state() -> dict[str, torch.Tensor]:
         state = model.state_dict()
+        return {k: state[k].detach().clone() for k in keys}
+
+    def checkpoint() -> dict[str, Any]:
         return {
-            "model": {k: state[k].detach().clone() for k in keys},
+            "model": mutable_state(),
             "optimizer": copy.deepcopy(optimizer.state_dict()),
             "history": [r.as_dict() for r in ledger.history],
             "best": ledger.best,
             **_rng_states(generator, device),
         }
-
-    def best_state() -> dict[str, torch.Tensor]:
-        state = model.state_dict()
-        return {k: state[k].detach().clone() for k in keys}
 
     n = len(train)
     steps = ledger.steps(n)
@@ -216,7 +215,7 @@ def fit(
             evaluate(split, val_in, val.labels),
             step_lr,
             time.perf_counter() - began,
-            best_state,
+            mutable_state,
         )
         if on_epoch is not None:
             on_epoch(record, checkpoint)
