@@ -145,6 +145,19 @@ def test_tune_runs_the_stages_exports_reports_and_resumes(
     assert json.loads(out)["nothing_to_do"] is True
     assert trials(run) == after
 
+    # A larger --trials resumes every stage up to it; the studies and the study file take it.
+    more = [*FLAGS[:-4], "--trials", "3", "--epochs", "2", "--stages", "head,freeze1"]
+    code, out, err = tune_in_process([str(data), "--out", str(run), *more], capsys, monkeypatch)
+    assert code == 0, err
+    assert "stage head: budget 2 -> 3 finished trials" in out
+    assert "stage freeze1: running 1 of 3 trials" in out
+    extended = trials(run)
+    for name in ("shapes/head", "shapes/freeze1"):
+        assert len(extended[name]) == 3 and extended[name][:2] == after[name]
+        stored = optuna.load_study(study_name=name, storage=summary["storage"]).user_attrs
+        assert stored["tlopt.config"] == load_config(run / "study.toml").to_dict()
+        assert stored["tlopt.config"]["n_trials"] == 3
+
 
 @pytest.mark.parametrize(
     ("args", "needle"),

@@ -189,6 +189,11 @@ def _stage(config: StudyConfig, stage: str, url: str, p: Placement, say: Any) ->
     name, budget = f"{config.name}/{stage}", config.n_trials
     if name not in study_names(open_storage(url)):
         create(config, stage, url)
+    study = load(name, url)
+    stored = study.user_attrs.get(ATTR + "config", {})
+    if stored.get("n_trials") != budget:  # a rerun with another --trials: the study takes it
+        study.set_user_attr(ATTR + "config", snapshot(config))
+        say(f"stage {stage}: budget {stored.get('n_trials')} -> {budget} finished trials")
     before = _finished(name, url)
     if before >= budget:
         say(f"stage {stage}: '{name}' holds {before} of {budget} finished trials: nothing to run")
@@ -232,6 +237,13 @@ def _export_is(folder: Path, study: str, trial: int) -> bool:  # a complete expo
     return same and all((folder / f).is_file() for f in FILES)
 
 
+def _but_budget(config: Any) -> Any:
+    """A stored config less its trial budget: a rerun may raise or lower --trials."""
+    if not isinstance(config, dict):
+        return config
+    return {k: v for k, v in config.items() if k != "n_trials"}
+
+
 def _check_studies(config: StudyConfig, names: list[str], url: str) -> None:
     """Before anything runs: a study of this name holds this config, and head comes first."""
     db = sqlite_path(url)  # a new run's SQLite file does not exist yet: no studies in it
@@ -240,7 +252,8 @@ def _check_studies(config: StudyConfig, names: list[str], url: str) -> None:
     for stage in names:
         name = f"{config.name}/{stage}"
         if name in existing:  # the same name with the same config is this run: resume it
-            if load(name, url).user_attrs.get(ATTR + "config") != snapshot(config):
+            stored = load(name, url).user_attrs.get(ATTR + "config")
+            if _but_budget(stored) != _but_budget(snapshot(config)):
                 create(config, stage, url, dry_run=True)  # its error shows the difference
         elif fine_tunes_from_head(stage) and not head:
             raise ConfigError(f"stage '{stage}' starts from the best head: --stages head,{stage}")
