@@ -11,6 +11,7 @@ import csv
 import io
 import re
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +26,7 @@ from tests.conftest import TINY_DATA_MODEL, cli
 from tlopt.config import load_config
 from tlopt.export.bundle import export_best
 from tlopt.report import write_report
+from tlopt.report.build import _caveats
 from tlopt.report.trial_artifacts import write_trial_artifacts
 from tlopt.train.ledger import EpochRecord, TrainParams
 from tlopt.tune import study as studies
@@ -152,7 +154,25 @@ def test_report_says_why_a_figure_is_missing(tmp_path: Path) -> None:
     missing = re.findall(r'class="missing">([^<]*)', page)
     assert "The importance plot needs at least two complete trials." in missing
     assert "The comparison chart needs at least two studies with a complete trial." in missing
-    assert (tmp_path / "out" / "plain-history.png").stat().st_size > 0
+    assert not [m for m in missing if "could not be drawn" in m], missing  # none broke
+    for figure in ("history", "walltime"):  # wall time: a study without tlopt's settings
+        assert (tmp_path / "out" / f"plain-{figure}.png").stat().st_size > 0
+
+
+def test_figure_warnings_go_to_the_caption_once_and_plot_noise_nowhere() -> None:
+    def caught(category: type[Warning], text: str) -> warnings.WarningMessage:
+        return warnings.WarningMessage(category(text), category, "optuna.py", 1)
+
+    inaccurate = "Some regimes for parameter `lr` have less than 2 trials."
+    notes = _caveats(
+        [
+            caught(UserWarning, inaccurate),
+            caught(UserWarning, inaccurate),
+            caught(UserWarning, "Attempting to set identical low and high xlims makes ..."),
+            caught(optuna.exceptions.ExperimentalWarning, "plot_slice is experimental"),
+        ]
+    )
+    assert notes == [f"Note: {inaccurate}"]
 
 
 @pytest.mark.slow

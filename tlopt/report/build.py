@@ -13,12 +13,14 @@ import csv
 import json
 import logging
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import optuna
 from matplotlib.figure import Figure
 
 from tlopt.errors import TloptError
@@ -39,7 +41,8 @@ class _Figures:
         self.written: list[Path] = []
 
     def __call__(self, name: str, draw: Callable[[], Figure], caption: str) -> str:
-        with figures.style():
+        with figures.style(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             try:
                 fig = draw()
             except figures.Unavailable as exc:
@@ -55,7 +58,23 @@ class _Figures:
         path = self.out / f"{name}.png"
         path.write_bytes(png)
         self.written.append(path)
-        return h.image(name, png, caption)
+        return h.image(name, png, " ".join([caption, *_caveats(caught)]))
+
+
+def _caveats(caught: list[warnings.WarningMessage]) -> list[str]:
+    """What the drawing warned about, for the caption rather than the terminal.
+
+    Dropped: Optuna's notes that a plotting function is experimental, and matplotlib widening
+    the axis of a parameter that took one value (the slice plot of a fixed setting).
+    """
+    notes = []
+    for w in caught:
+        text = str(w.message).strip()
+        experimental = issubclass(w.category, optuna.exceptions.ExperimentalWarning)
+        if experimental or text.startswith("Attempting to set identical") or text in notes:
+            continue
+        notes.append(text)
+    return [f"Note: {text}" for text in notes]
 
 
 def write_report(

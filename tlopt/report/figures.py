@@ -63,7 +63,7 @@ def setting_colours(key: str, values: Sequence[Any]) -> dict[Any, str]:
         return {v: DECAY_COLOURS.get(v) or to_hex(next(spare)) for v in values}
     ordered = sorted(values)
     cmap = plt.get_cmap("viridis")
-    steps = np.linspace(0.05, 0.85, len(ordered)) if len(ordered) > 1 else [0.35]
+    steps = np.linspace(0.05, 0.85, len(ordered)) if len(ordered) != 1 else [0.35]
     return {v: to_hex(cmap(s)) for v, s in zip(ordered, steps, strict=True)}
 
 
@@ -109,8 +109,12 @@ def importances(view: StudyView) -> Figure:
     """Optuna's fANOVA importance of each searched parameter for the validation loss."""
     _need_searched_params(view, "importance")
     try:
+        # fANOVA named, not Optuna's default evaluator (PED-ANOVA since Optuna 5): the axis
+        # label says what the bars are, and a seeded forest draws the same bars every time.
         ax = optuna.visualization.matplotlib.plot_param_importances(
-            view.study, target_name="validation loss"
+            view.study,
+            evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+            target_name="validation loss",
         )
     except (RuntimeError, ValueError) as exc:
         raise Unavailable(f"Optuna could not compute the importances ({exc}).") from None
