@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pwd
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -218,3 +219,17 @@ def cli(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def run_in_group(command: list[str], timeout: float, what: str) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in its own process group, killed whole if it outlives ``timeout``."""
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{what} ran past {timeout} s: {err[-2000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_DATA_MODEL
+from tests.conftest import TINY_DATA_MODEL, run_in_group
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "size_probe.py"
 
 
 def probe(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """The script in its own process group, killed whole if it outlives ``timeout``."""
-    command = [sys.executable, str(SCRIPT), *args]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"size_probe ran past {timeout} s: {err[-2000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+    return run_in_group([sys.executable, str(SCRIPT), *args], timeout, "size_probe")
 
 
 @pytest.mark.slow  # a subprocess that imports torch: the full tier

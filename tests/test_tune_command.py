@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +13,7 @@ import optuna
 import pytest
 from PIL import Image, ImageDraw
 
+from tests.conftest import run_in_group
 from tlopt import cli
 from tlopt.config import StudyConfig, load_config
 from tlopt.pipeline import write_study_file
@@ -61,17 +60,7 @@ def tune_in_process(
 
 def tune_subprocess(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``tlopt tune ARGS`` in its own process group, killed whole if it outlives ``timeout``."""
-    command = [sys.executable, "-m", "tlopt", "tune", *args]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"tlopt tune ran past {timeout} s: {err[-2000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+    return run_in_group([sys.executable, "-m", "tlopt", "tune", *args], timeout, "tlopt tune")
 
 
 def trials(run: Path) -> dict[str, list[tuple[int, str, Any]]]:
