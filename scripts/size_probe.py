@@ -24,26 +24,23 @@ from sklearn.linear_model import LogisticRegression
 from tlopt.config import load_config
 from tlopt.data.cache import decode_source, labels, split_indices
 from tlopt.errors import TloptError
+from tlopt.export.descriptors import predict
 from tlopt.models.backbones import create_backbone, normalization
+from tlopt.train.data import ImageSet
 from tlopt.tune.context import cache_dir, open_config_source
 
 C_VALUES = (0.1, 1.0)
 
 
-@torch.no_grad()
-def features(model: torch.nn.Module, pixels: np.ndarray, flip: bool) -> np.ndarray:
-    """Pooled features (timm's pre-logits) of uint8 NHWC ``pixels``, in batches of 32."""
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization(model))
-    out = []
-    for start in range(0, len(pixels), 32):
-        x = torch.from_numpy(np.asarray(pixels[start : start + 32])).permute(0, 3, 1, 2)
-        x = (x.float() / 255 - mean) / std
-        x = x.flip(-1) if flip else x
-        out.append(model.forward_head(model.forward_features(x), pre_logits=True))
-    return torch.cat(out).numpy()
+def descriptors(model: torch.nn.Module, pixels: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The export's descriptors (timm's pooled pre-logits) of uint8 NHWC ``pixels``."""
+    mean, std = normalization(model)
+    return predict(model, ImageSet.from_arrays(pixels, y, mean, std))[0]
 
 
-def probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], c: float):
+def probe(
+    train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], c: float
+) -> tuple[float, int]:
     """Validation log loss and correct count of a logistic regression fitted at ``c``."""
     clf = LogisticRegression(C=c, max_iter=5000).fit(*train)
     p = clf.predict_proba(val[0])
@@ -90,10 +87,11 @@ def main() -> int:
     for size in sizes:
         start = time.perf_counter()
         pixels = decode_source(source, size, cache_dir())
-        tr, va = pixels[index["train"]], pixels[index["val"]]
-        x = np.concatenate([features(model, tr, False), features(model, tr, True)])
-        train = (x, np.concatenate([y[index["train"]]] * 2))
-        val = (features(model, va, False), y[index["val"]])
+        tr, ytr = pixels[index["train"]], y[index["train"]]
+        mirrored = tr[:, :, ::-1]  # NHWC: the width axis
+        x = np.concatenate([descriptors(model, tr, ytr), descriptors(model, mirrored, ytr)])
+        train = (x, np.concatenate([ytr, ytr]))
+        val = (descriptors(model, pixels[index["val"]], y[index["val"]]), y[index["val"]])
         cells = [probe(train, val, c) for c in C_VALUES]
         row = "  ".join(f"{loss:.4f} / {hits}" for loss, hits in cells)
         print(f"{size:>5d} px  {time.perf_counter() - start:6.1f} s  {row}", flush=True)

@@ -194,7 +194,7 @@ def _stage(config: StudyConfig, stage: str, url: str, p: Placement, say: Any) ->
     if stored.get("n_trials") != budget:  # a rerun with another --trials: the study takes it
         study.set_user_attr(ATTR + "config", snapshot(config))
         say(f"stage {stage}: budget {stored.get('n_trials')} -> {budget} finished trials")
-    before = _finished(name, url)
+    before = len(study.get_trials(deepcopy=False, states=FINISHED))
     if before >= budget:
         say(f"stage {stage}: '{name}' holds {before} of {budget} finished trials: nothing to run")
     else:
