@@ -14,6 +14,7 @@ Run by hand, ``pytest`` skips the PostgreSQL tests unless those are set.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -211,25 +212,52 @@ def restart_postgres(pg_server: PgServer) -> Callable[[], None]:
 def cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m tlopt ARGS`` as a user would, in the test's folder (see above)."""
-    return subprocess.run(
+    """Run ``python -m tlopt ARGS`` as a user would, in the test's folder (see above).
+
+    It runs in a process group of its own, killed whole when the test ends: a supervisor's
+    workers never outlive the test, whether it passed, failed, timed out or was interrupted.
+    """
+    return run_in_group(
         [sys.executable, "-m", "tlopt", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        timeout,
+        f"tlopt {' '.join(args[:2])}",
         env={**os.environ, **(env or {})},
     )
 
 
-def run_in_group(command: list[str], timeout: float, what: str) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` in its own process group, killed whole if it outlives ``timeout``."""
+def kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the process group ``proc`` leads (it and whatever it started), if any is left."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_in_group(
+    command: list[str], timeout: float, what: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in its own process group; the group is killed whole when this returns.
+
+    On a timeout the test fails with the command's last stderr; on any other way out (a
+    failed assertion elsewhere cannot reach here, but Ctrl-C can) the group is killed before
+    the exception goes on. After a normal exit, children the command left behind are killed.
+    """
     proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
         out, err = proc.communicate()
         pytest.fail(f"{what} ran past {timeout} s: {err[-2000:]}")
+    except BaseException:
+        kill_group(proc)
+        proc.communicate()
+        raise
+    finally:
+        kill_group(proc)
     return subprocess.CompletedProcess(command, proc.returncode, out, err)

@@ -72,7 +72,17 @@ def test_predict_agrees_with_the_export(export: dict[str, Any], tmp_path: Path) 
     again = tmp_path / "again.csv"
     done = cli("predict", *args[:-1], str(again), "--device", "cpu")
     assert done.returncode == 0 and f"wrote {3 * 8} predictions" in done.stdout
-    assert read_csv(again) == rows
+    # Another batch size may take other kernels: the same files and classes, probabilities
+    # within float tolerance (they differed in the 8th digit on another 2-core machine).
+    assert_same_predictions(read_csv(again), rows)
+
+
+def assert_same_predictions(got: list[dict[str, str]], want: list[dict[str, str]]) -> None:
+    assert [(r["path"], r["class"]) for r in got] == [(r["path"], r["class"]) for r in want]
+    columns = [c for c in want[0] if c.startswith("p_")]
+    assert list(got[0]) == list(want[0])
+    probs = [[float(r[c]) for c in columns] for r in got]
+    assert np.allclose(probs, [[float(r[c]) for c in columns] for r in want], atol=1e-5)
 
 
 def test_unreadable_files_are_skipped_and_counted(export: dict[str, Any], tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import kill_group
 from tests.test_tuning import TINY, cli
 from tlopt.config import load_config
 from tlopt.tune import study as studies
@@ -47,8 +48,7 @@ def _on_a_terminal(args: list[str], timeout: float = 600) -> str:
             seen += chunk
         assert proc.wait(timeout=60) == 0, seen.decode(errors="replace")[-2000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
+        kill_group(proc)  # a worker it started, too
         os.close(leader)
     return seen.decode(errors="replace")
 
