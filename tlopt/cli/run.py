@@ -138,6 +138,7 @@ def worker(
         typer.echo(
             f"worker done: {summary.complete} complete, {summary.pruned} pruned, "
             f"{summary.failed} failed"
+            + (f", {summary.taken} ended elsewhere" if summary.taken else "")
         )
     if code:
         raise typer.Exit(code)

@@ -8,7 +8,6 @@ retry (see :func:`over_budget`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -124,12 +123,25 @@ def queue_again(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
 
 def tell_trial(
     study: optuna.Study, trial: optuna.Trial, value: float | None, state: TrialState
-) -> None:
-    """``study.tell`` with retries; a tell that already landed is not an error."""
+) -> bool:
+    """``study.tell`` with retries; whether the trial ended as told.
 
-    def tell() -> None:
-        # UpdateFinishedTrialError: an earlier attempt committed before the connection dropped.
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            study.tell(trial, value, state=state)
-
-    retrying(f"recording trial {trial.number}", tell)
+    Idempotent: a tell that already landed (an attempt committed before the connection
+    dropped) is not an error, and neither is a trial that another process ended meanwhile (the
+    stale check of another worker or of the storage proxy failed it and queued it again):
+    that costs one log line and this run's result, never the worker.
+    """
+    frozen = retrying(
+        f"recording trial {trial.number}",
+        lambda: study.tell(trial, value, state=state, skip_if_finished=True),
+    )
+    if frozen.state == state:
+        return True
+    log.warning(
+        "trial %d was ended elsewhere (%s) while it ran here, and queued again there: this "
+        "worker's %s is dropped",
+        trial.number,
+        frozen.state.name,
+        state.name,
+    )
+    return False

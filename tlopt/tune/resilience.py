@@ -8,6 +8,11 @@ No trial is RUNNING without a heartbeat: a worker records one as soon as it asks
 (``beat_once``), and the stale check gives one to any RUNNING trial that has none
 (``fail_stale_trials``), so a worker that dies between ``ask`` and its first beat (a segfault,
 the OOM killer while the model is built) leaves a trial that is failed and re-queued too.
+
+After an outage every worker's beats are old at once. Live workers beat again within a second
+of the storage coming back (a missed beat is retried every second, not every interval), and
+no process judges other trials stale until it has itself been connected for a grace period
+(``connected_for``): the first worker to reconnect never fails the trials of the others.
 """
 
 from __future__ import annotations
@@ -48,6 +53,34 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 # How long a worker keeps retrying before it gives up with a StorageError (seconds).
 PATIENCE_SECONDS = 600.0
+# How soon a missed heartbeat is tried again (seconds): live workers must beat within a second
+# or two of the storage coming back, before anyone judges their trials stale.
+BEAT_RETRY_SECONDS = 1.0
+
+
+class _Reachability:
+    """Since when this process has reached the storage without a failure (its start counts).
+
+    Measured from the first success after the last failure, not from the failure: the storage
+    was down then, and may have come back only just before that success.
+    """
+
+    def __init__(self) -> None:
+        self.since: float | None = time.monotonic()
+
+    def lost(self) -> None:
+        self.since = None
+
+    def reached(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def connected_for(self) -> float:
+        """Seconds this process has reached the storage since its last failed call."""
+        return 0.0 if self.since is None else time.monotonic() - self.since
+
+
+REACHABILITY = _Reachability()
 
 
 def _reason(exc: BaseException) -> str:
@@ -113,13 +146,17 @@ def retrying(what: str, fn: Callable[[], T], patience: float = PATIENCE_SECONDS)
     began, delay = time.monotonic(), 0.5
     while True:
         try:
-            return fn()
+            result = fn()
+            REACHABILITY.reached()
+            return result
         except TRANSIENT as exc:
             if not is_transient(exc):
                 raise StorageError(
                     f"the storage refused {what}: {_reason(exc)}; check the database "
                     "(permissions, free disk space, credentials)"
                 ) from None
+            if "database is locked" not in str(exc).lower():  # SQLite's writers: no outage
+                REACHABILITY.lost()
             if time.monotonic() - began > patience:
                 raise StorageError(
                     f"the storage was unreachable for {patience:.0f} s while {what} "
@@ -154,14 +191,25 @@ def heartbeat(storage: BaseStorage, trial_id: int, interval: int | None) -> Iter
             storage.set_trial_system_attr(trial_id, BEAT, next(beats))
 
     def beat() -> None:
+        missed = 0
         while not stop.is_set():
             try:
                 record()
+                REACHABILITY.reached()
+                if missed:
+                    log.warning("heartbeat of trial id %d back after %d missed", trial_id, missed)
+                missed = 0
             except TRANSIENT as exc:
-                log.warning("heartbeat of trial id %d missed (%s)", trial_id, _reason(exc))
+                REACHABILITY.lost()
+                if not missed:
+                    log.warning("heartbeat of trial id %d missed (%s)", trial_id, _reason(exc))
+                missed += 1
             except Exception as exc:  # never let the beat thread die noisily
                 log.warning("heartbeat of trial id %d failed (%s)", trial_id, exc)
-            stop.wait(interval)
+                missed += 1
+            # After a miss, try again within a second: the storage may be back, and the beat
+            # must land before another process judges this trial stale.
+            stop.wait(min(BEAT_RETRY_SECONDS, interval) if missed else interval)
 
     thread = threading.Thread(target=beat, name=f"tlopt-heartbeat-{trial_id}", daemon=True)
     thread.start()
@@ -202,8 +250,17 @@ def unbeaten_trials(storage: RDBStorage, study_id: int) -> list[tuple[int, int]]
         return [(int(i), int(n)) for i, n in connection.execute(_UNBEATEN, {"study": study_id})]
 
 
+def grace_seconds(storage: RDBStorage) -> float:
+    """The storage's grace period (Optuna's default: two heartbeat intervals)."""
+    interval = storage.get_heartbeat_interval() or 0
+    return float(storage.grace_period or 2 * interval)
+
+
 def fail_stale_trials(study: optuna.Study, storage: BaseStorage) -> None:
     """Fail the study's stale trials and re-queue them (the storage's stale-trial callback).
+
+    Only once this process has been connected for a grace period: after an outage the other
+    workers' beats are old too, and they need that long to beat again (see the module's note).
 
     Optuna's ``fail_stale_trials`` skips a RUNNING trial that has no heartbeat at all: a
     worker that died before its first beat would leave it RUNNING for ever, and the workers
@@ -212,14 +269,18 @@ def fail_stale_trials(study: optuna.Study, storage: BaseStorage) -> None:
     is judged by the database's clock, never by ``datetime_start``, which is the local time
     of the machine that asked for it (another time zone, another clock).
     """
-    if isinstance(storage, RDBStorage) and storage.get_heartbeat_interval() is not None:
-        for trial_id, number in unbeaten_trials(
-            storage, storage.get_study_id_from_name(study.study_name)
-        ):
-            log.warning(
-                "trial %d is running without a heartbeat (did its worker die before its "
-                "first beat?): it fails after the grace period unless it beats",
-                number,
-            )
-            storage.record_heartbeat(trial_id)
+    if not isinstance(storage, RDBStorage) or storage.get_heartbeat_interval() is None:
+        return
+    if REACHABILITY.connected_for() < grace_seconds(storage):
+        log.debug("stale-trial check deferred: connected for less than a grace period")
+        return
+    for trial_id, number in unbeaten_trials(
+        storage, storage.get_study_id_from_name(study.study_name)
+    ):
+        log.warning(
+            "trial %d is running without a heartbeat (did its worker die before its "
+            "first beat?): it fails after the grace period unless it beats",
+            number,
+        )
+        storage.record_heartbeat(trial_id)
     optuna.storages.fail_stale_trials(study)

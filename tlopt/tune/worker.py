@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from tlopt.config import StudyConfig
 from tlopt.devices import check_device
-from tlopt.errors import TloptError
+from tlopt.errors import StorageError, TloptError
 from tlopt.names import ATTR
 from tlopt.progress import bar
 from tlopt.train.ledger import Interrupted
@@ -52,6 +52,7 @@ class WorkerSummary:
     complete: int = 0
     pruned: int = 0
     failed: int = 0
+    taken: int = 0  # ended by another process while they ran here (a stale-trial check)
     trials: list[int] = field(default_factory=list)
 
 
@@ -147,7 +148,7 @@ def work(
     shown = bar(total=budget, desc=study_name, unit="trial")
     try:
         while timeout is None or time.monotonic() - began < timeout:
-            _show_progress(shown, study)
+            retrying("showing progress", lambda: _show_progress(shown, study))
             if STOP.is_set():
                 raise _Stop("signal")
             ask = functools.partial(
@@ -171,6 +172,9 @@ def work(
                 ran = _run_each(study, storage, trials, ctx, config)
             for trial, state in zip(trials, ran, strict=True):
                 summary.trials.append(trial.number)
+                if state is None:  # ended elsewhere while it ran here (logged)
+                    summary.taken += 1
+                    continue
                 failures = failures + 1 if state == TrialState.FAIL else 0
                 if failures >= MAX_FAILURES_IN_A_ROW:
                     reason = trial.user_attrs.get(ATTR + "error") or "see the log above"
@@ -212,15 +216,15 @@ def _run(
     ctx: StudyContext,
     config: StudyConfig,
     beat: contextlib.ExitStack,
-) -> TrialState:
+) -> TrialState | None:
     """Run one trial while it beats (``beat`` stops its heartbeat), then tell how it ended."""
     outcome: float | BaseException
     try:
         with beat:
             outcome = objective(trial, ctx)
-    except (Interrupted, KeyboardInterrupt, TloptError) as exc:
+    except (Interrupted, KeyboardInterrupt, StorageError) as exc:
         _requeue_and_raise([trial], exc, config)
-    except Exception as exc:  # a prune, or a crashed trial: it must not kill the worker
+    except Exception as exc:  # a prune, or the trial's own problem: it fails only that trial
         outcome = exc
     return _settle(study, trial, outcome)
 
@@ -231,13 +235,13 @@ def _run_each(
     trials: list[optuna.Trial],
     ctx: StudyContext,
     config: StudyConfig,
-) -> list[TrialState]:
+) -> list[TrialState | None]:
     """Run asked trials one after another; if the worker stops, queue the unstarted again.
 
     Every trial beats from the start, the waiting ones too: they are RUNNING, and a trial
     without beats is failed after the grace period.
     """
-    states: list[TrialState] = []
+    states: list[TrialState | None] = []
     with contextlib.ExitStack() as all_beats:
         beats = []
         for trial in trials:
@@ -262,12 +266,12 @@ def _run_heads(
     trials: list[optuna.Trial],
     ctx: StudyContext,
     config: StudyConfig,
-) -> list[TrialState] | None:
+) -> list[TrialState | None] | None:
     """Run head trials together; None if their model needs them one at a time.
 
     Each trial is told as soon as it ends (a 10-epoch trial does not wait for a 50-epoch one).
     """
-    states: dict[int, TrialState] = {}
+    states: dict[int, TrialState | None] = {}
 
     def tell(i: int, outcome: float | BaseException) -> None:
         states[i] = _settle(study, trials[i], outcome)
@@ -280,9 +284,9 @@ def _run_heads(
         try:
             if head_objectives(trials, ctx, on_outcome=tell) is None:
                 return None
-        except (Interrupted, KeyboardInterrupt, TloptError) as exc:
+        except (Interrupted, KeyboardInterrupt, StorageError) as exc:
             _requeue_and_raise([t for i, t in enumerate(trials) if i not in states], exc, config)
-        except Exception as exc:  # a crashed batch must not kill the worker
+        except Exception as exc:  # a crashed batch fails its trials, not the worker
             for i in range(len(trials)):
                 if i not in states:
                     tell(i, exc)
@@ -292,7 +296,7 @@ def _run_heads(
 def _requeue_and_raise(
     trials: list[optuna.Trial], exc: BaseException, config: StudyConfig
 ) -> NoReturn:
-    """The worker stops (a signal) or cannot go on (a TloptError): queue its trials again."""
+    """The worker stops (a signal) or loses the storage: queue its trials again."""
     stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
     why = "worker stopped" if stopped else str(exc).splitlines()[0][:500]
     for trial in trials:
@@ -302,12 +306,26 @@ def _requeue_and_raise(
     raise exc
 
 
-def _settle(study: optuna.Study, trial: optuna.Trial, outcome: float | BaseException) -> TrialState:
-    """Tell the study how a trial ended: its value, a prune, or a failure with its reason."""
+def _settle(
+    study: optuna.Study, trial: optuna.Trial, outcome: float | BaseException
+) -> TrialState | None:
+    """Tell the study how a trial ended: its value, a prune, or a failure with its reason.
+
+    None: the trial was ended elsewhere while it ran here (a write found it finished, or the
+    tell did), and has been queued again there; the worker goes on.
+    """
+    if isinstance(outcome, optuna.exceptions.UpdateFinishedTrialError):
+        state = retrying("reading a trial", lambda: study._storage.get_trial(trial._trial_id)).state
+        log.warning(
+            "trial %d was ended elsewhere (%s) while it ran here, and queued again there: "
+            "this worker goes on",
+            trial.number,
+            state.name,
+        )
+        return None
     if isinstance(outcome, optuna.TrialPruned):
         log.info("trial %d pruned: %s", trial.number, outcome)
-        tell_trial(study, trial, None, TrialState.PRUNED)
-        return TrialState.PRUNED
+        return TrialState.PRUNED if tell_trial(study, trial, None, TrialState.PRUNED) else None
     if isinstance(outcome, BaseException):
         if isinstance(outcome, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
@@ -322,9 +340,9 @@ def _settle(study: optuna.Study, trial: optuna.Trial, outcome: float | BaseExcep
         # Failed already: the stale check of another worker judged its heartbeat too old.
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             retrying("recording a failure", record)
-        tell_trial(study, trial, None, TrialState.FAIL)
-        return TrialState.FAIL
-    tell_trial(study, trial, outcome, TrialState.COMPLETE)
+        return TrialState.FAIL if tell_trial(study, trial, None, TrialState.FAIL) else None
+    if not tell_trial(study, trial, outcome, TrialState.COMPLETE):
+        return None
     log.info(
         "trial %d complete: val_loss %.4f  val_acc %.4f",
         trial.number,
@@ -335,8 +353,27 @@ def _settle(study: optuna.Study, trial: optuna.Trial, outcome: float | BaseExcep
 
 
 def _fail_and_requeue(study: optuna.Study, trial: optuna.Trial, why: str, max_retry: int) -> None:
-    """Fail an interrupted trial and queue it again with the same parameters."""
-    trial.set_user_attr(ATTR + "error", why)
+    """Fail an interrupted trial and queue it again with the same parameters, once.
+
+    A trial that another process failed meanwhile (and queued again) is left as it is, so
+    the worker goes on to re-queue the rest of its trials.
+    """
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        retrying("recording why", lambda: trial.set_user_attr(ATTR + "error", why))
     tell_trial(study, trial, None, TrialState.FAIL)
-    frozen = study._storage.get_trial(trial._trial_id)
-    RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)(study, frozen)
+    if retrying("looking for a retry", lambda: _has_retry(study, trial.number)):
+        return
+    frozen = retrying("reading a trial", lambda: study._storage.get_trial(trial._trial_id))
+    retrying(
+        f"queueing trial {trial.number} again",
+        lambda: RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)(
+            study, frozen
+        ),
+    )
+
+
+def _has_retry(study: optuna.Study, number: int) -> bool:
+    """Whether a trial queued again from trial ``number`` exists (Optuna's retry callback)."""
+    return any(
+        t.system_attrs.get("failed_trial") == number for t in study.get_trials(deepcopy=False)
+    )
