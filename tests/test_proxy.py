@@ -14,11 +14,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tests.conftest import kill_group
 from tests.test_service import (  # noqa: F401 (_kill_leftover_workers: an autouse fixture)
     CONFIG,
     _kill_leftover_workers,
@@ -56,16 +58,18 @@ def proxy(pg_storage_url: str) -> Iterator[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
     url = f"grpc://127.0.0.1:{port}"
     try:
         wait_until(lambda: _answers(url), 60, "the storage proxy")
         yield url
-    finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, output[-2000:]
         assert "tlopt-test-pw" not in output  # the database password is never printed
+    finally:
+        kill_group(proc)
 
 
 def _answers(url: str) -> bool:
@@ -183,18 +187,62 @@ def test_a_retry_that_loses_the_last_place_is_queued_again_with_its_params(
     assert asked.number == again.number and _lr(asked) == dead.params["lr"]
 
 
+def _tlopt_study(storage: Any, name: str, grace: int) -> optuna.Study:
+    """A study as tlopt stores it, as far as the proxy looks: its config's grace period."""
+    study = optuna.create_study(study_name=name, storage=storage)
+    study.set_user_attr("tlopt.config", {"storage": {"grace_period": grace}})
+    return study
+
+
 def test_the_proxys_watcher_fails_a_trial_that_never_beat(sqlite_storage_url: str) -> None:
     """A worker behind the proxy that dies before its first beat: failed, then re-queued."""
-    storage = open_storage(sqlite_storage_url, 1, 2)
-    study = optuna.create_study(study_name="s", storage=storage)
+    storage = open_storage(sqlite_storage_url, 1, 60)
+    study = _tlopt_study(storage, "s", grace=2)  # the study's grace, not the storage's 60
     orphan = optuna.load_study(study_name="s", storage=sqlite_storage_url).ask()  # no beat
-    watcher = StaleTrialWatcher(storage, every=1)  # type: ignore[arg-type]
+    watcher = StaleTrialWatcher(storage)  # type: ignore[arg-type]
     watcher.sweep()  # first sight: a heartbeat
     assert study.trials[orphan.number].state == TrialState.RUNNING
     time.sleep(3.5)
     watcher.sweep()
     assert study.trials[orphan.number].state == TrialState.FAIL
     assert [t.system_attrs["failed_trial"] for t in study.trials[1:]] == [orphan.number]
+
+
+def test_the_proxys_watcher_leaves_other_studies_alone(sqlite_storage_url: str) -> None:
+    """A plain Optuna study in the same database: its long RUNNING trial is never failed."""
+    storage = open_storage(sqlite_storage_url, 1, 2)
+    plain = optuna.create_study(study_name="someone-elses", storage=storage)
+    long_running = plain.ask()
+    ours = _tlopt_study(storage, "ours", grace=2)
+    orphan = ours.ask()
+    watcher = StaleTrialWatcher(storage)  # type: ignore[arg-type]
+    watcher.sweep()
+    time.sleep(3.5)
+    watcher.sweep()
+    assert ours.trials[orphan.number].state == TrialState.FAIL  # the watcher does watch
+    assert [t.state for t in plain.trials] == [TrialState.RUNNING]
+    assert plain.trials[long_running.number].system_attrs == {}  # no beat, no retry copy
+
+
+def test_the_proxys_watcher_fails_nothing_right_after_an_outage(
+    sqlite_storage_url: str,
+) -> None:
+    """After the database comes back, the workers behind the proxy get a grace period to beat."""
+    from tlopt.tune.resilience import REACHABILITY
+
+    storage = open_storage(sqlite_storage_url, 1, 60)
+    study = _tlopt_study(storage, "s", grace=2)
+    orphan = optuna.load_study(study_name="s", storage=sqlite_storage_url).ask()
+    watcher = StaleTrialWatcher(storage)  # type: ignore[arg-type]
+    watcher.sweep()
+    time.sleep(3.5)  # the trial is stale now ...
+    REACHABILITY.lost()  # ... but the proxy has just lost the database
+    REACHABILITY.reached()  # and reached it again
+    watcher.sweep()
+    assert study.trials[orphan.number].state == TrialState.RUNNING
+    time.sleep(2.5)  # connected for a grace period, and still no beat: now it fails
+    watcher.sweep()
+    assert study.trials[orphan.number].state == TrialState.FAIL
 
 
 def test_no_proxy_at_the_url_is_one_line(tmp_path: Path) -> None:

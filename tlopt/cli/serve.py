@@ -36,8 +36,12 @@ def storage_proxy(
     ] = "127.0.0.1",
     port: int = 13000,
     grace_period: Annotated[
-        int, typer.Option(help="Seconds without a beat before a trial is failed and re-queued.")
-    ] = 90,
+        int | None,
+        typer.Option(
+            help="Seconds without a beat before a trial is failed and re-queued, for every "
+            "study (default: each study's storage.grace_period)."
+        ),
+    ] = None,
     max_retry: Annotated[int, typer.Option(help="Re-runs of a trial whose worker died.")] = 3,
 ) -> None:
     """Run Optuna's gRPC storage proxy in front of the database; workers use grpc://HOST:PORT.
@@ -51,13 +55,15 @@ def storage_proxy(
     url = resolve_url(storage)
     if is_grpc(url):
         raise TloptError("tlopt storage proxy --storage needs the database URL, not grpc://")
-    if grace_period < 2:
+    if grace_period is not None and grace_period < 2:
         raise TloptError(f"--grace-period {grace_period}: use at least 2 seconds")
-    every = max(1, grace_period // 3)
-    db = open_storage(url, heartbeat_interval=every, grace_period=grace_period, max_retry=max_retry)
+    # The storage's own grace is replaced per study by the watcher (tune/proxy.py).
+    db = open_storage(
+        url, heartbeat_interval=1, grace_period=grace_period or 90, max_retry=max_retry
+    )
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C
     try:
-        serve(db, mask_url(url), host, port, every)  # type: ignore[arg-type]
+        serve(db, mask_url(url), host, port, grace_period)  # type: ignore[arg-type]
     except KeyboardInterrupt:
         typer.echo("storage proxy stopped")
 

@@ -8,7 +8,11 @@ do not cross it, and tlopt adds them:
 - **Heartbeats.** A client cannot record one. A worker behind the proxy bumps the trial's
   system attribute ``tlopt:beat`` instead; the proxy turns every change into an RDB heartbeat
   and fails stale trials itself (re-queued by Optuna's ``RetryHeartbeatStaleTrialCallback``).
-  Staleness is judged on the proxy's own clock, so the workers' clocks do not matter.
+  Staleness is judged by the database's clock, so the workers' clocks do not matter. Only
+  tlopt's studies are watched, each with its own grace period (``storage.grace_period`` of
+  its config): other studies in the same database are never touched. After an outage of the
+  database the proxy fails nothing until it has been connected for that grace period, so
+  that the workers behind it can beat again first.
 - **The budget lock.** A client cannot take the server's advisory lock, so the worker asks
   first and checks its place after (``over_budget``): the study still ends with exactly its
   budget; a trial that lost a race for the last place ends FAIL with a reason, and is not run.
@@ -26,8 +30,10 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage, fail_stale_trials
 from optuna.trial import TrialState
 
+from tlopt.config import StorageConfig
 from tlopt.errors import StorageError
-from tlopt.tune.resilience import BEAT, TRANSIENT, _reason
+from tlopt.names import ATTR
+from tlopt.tune.resilience import BEAT, REACHABILITY, TRANSIENT, _reason
 
 log = logging.getLogger("tlopt.proxy")
 SCHEME = "grpc://"
@@ -69,10 +75,15 @@ def open_proxy(url: str, timeout: float = 10.0) -> BaseStorage:
 
 
 class StaleTrialWatcher:
-    """In the proxy: turns workers' beats into heartbeats and fails trials whose beats stop."""
+    """In the proxy: turns workers' beats into heartbeats and fails trials whose beats stop.
 
-    def __init__(self, storage: RDBStorage, every: float) -> None:
-        self.storage, self.every = storage, every
+    ``grace``: seconds without a beat before a trial fails, for every study; None (the
+    default) takes each study's own ``storage.grace_period``.
+    """
+
+    def __init__(self, storage: RDBStorage, grace: float | None = None) -> None:
+        self.storage, self.grace = storage, grace
+        self.every = 1.0  # the next pass, a third of the shortest grace period seen
         self.seen: dict[int, Any] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="tlopt-stale-trials", daemon=True)
@@ -88,7 +99,9 @@ class StaleTrialWatcher:
         while not self.stop.is_set():
             try:
                 self.sweep()
+                REACHABILITY.reached()
             except TRANSIENT as exc:
+                REACHABILITY.lost()
                 log.warning(
                     "stale-trial check skipped (%s); next in %.0f s", _reason(exc), self.every
                 )
@@ -96,13 +109,28 @@ class StaleTrialWatcher:
                 log.warning("stale-trial check failed (%s)", exc)
             self.stop.wait(self.every)
 
+    def grace_of(self, study: optuna.study.StudySummary | Any) -> float | None:
+        """The study's grace period; None for a study that is not tlopt's (left alone)."""
+        config = study.user_attrs.get(ATTR + "config")
+        if not isinstance(config, dict):
+            return None
+        if self.grace is not None:
+            return self.grace
+        stored = (config.get("storage") or {}).get("grace_period")
+        return float(stored if stored is not None else StorageConfig.grace_period)
+
     def sweep(self) -> None:
-        """One pass over every study: record the beats seen since the last pass, fail the stale."""
+        """One pass over tlopt's studies: record the beats seen since the last pass, fail the
+        stale (once the proxy has been connected for the study's grace period)."""
         running: set[int] = set()
+        graces = []
         for frozen in self.storage.get_all_studies():
-            study_id = frozen._study_id
+            grace = self.grace_of(frozen)
+            if grace is None:
+                continue
+            graces.append(grace)
             for trial in self.storage.get_all_trials(
-                study_id, deepcopy=False, states=(TrialState.RUNNING,)
+                frozen._study_id, deepcopy=False, states=(TrialState.RUNNING,)
             ):
                 running.add(trial._trial_id)
                 beat = trial.system_attrs.get(BEAT)
@@ -111,16 +139,27 @@ class StaleTrialWatcher:
                 if trial._trial_id not in self.seen or self.seen[trial._trial_id] != beat:
                     self.storage.record_heartbeat(trial._trial_id)
                     self.seen[trial._trial_id] = beat
+            if REACHABILITY.connected_for() < grace:
+                continue  # after an outage, the workers beat again first
+            # Optuna judges staleness by the storage's grace period and has no per-study one:
+            # this thread is the proxy's only caller of fail_stale_trials.
+            self.storage.grace_period = int(grace)
             study = optuna.Study(study_name=frozen.study_name, storage=self.storage)
             fail_stale_trials(study)  # fails and re-queues through the storage's callback
         self.seen = {k: v for k, v in self.seen.items() if k in running}
+        self.every = max(1.0, min(graces, default=3.0) / 3)
 
 
-def serve(storage: RDBStorage, url_shown: str, host: str, port: int, every: float) -> None:
-    """Serve ``storage`` on host:port until interrupted; a busy port is a one-line error."""
+def serve(
+    storage: RDBStorage, url_shown: str, host: str, port: int, grace: float | None = None
+) -> None:
+    """Serve ``storage`` on host:port until interrupted; a busy port is a one-line error.
+
+    ``grace``: see :class:`StaleTrialWatcher` (None: each study's own).
+    """
     from optuna.storages import get_storage, run_grpc_proxy_server
 
-    watcher = StaleTrialWatcher(storage, every)
+    watcher = StaleTrialWatcher(storage, grace)
     watcher.start()
     log.info(
         "storage proxy for %s on %s:%d: workers use --storage grpc://%s:%d (Ctrl-C stops it)",
