@@ -117,6 +117,8 @@ def open_storage(
     else:
         # A restarted server leaves dead pooled connections; test each before use.
         engine_kwargs["pool_pre_ping"] = True
+        if url.startswith("postgresql"):
+            engine_kwargs["connect_args"] = _pg_connect_args(url)
     try:
         return RDBStorage(
             url,
@@ -140,6 +142,19 @@ def open_storage(
             f"cannot open storage {mask_url(url)}: {_scrub(first, url)[:200]}; check the URL"
             f"{encode}, that the server runs and the database exists"
         ) from None
+
+
+# A peer cut off by the network is noticed within about a minute, on both sides: the client
+# by libpq's keepalives, the server (which then ends the session and frees its budget lock)
+# by its own, set for this session. Without them TCP gives up after hours.
+KEEPALIVE = {"keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+
+
+def _pg_connect_args(url: str) -> dict[str, object]:
+    args: dict[str, object] = {"keepalives": 1, **KEEPALIVE, "connect_timeout": 10}
+    if "options" not in sqlalchemy.engine.make_url(url).query:  # the user's own come first
+        args["options"] = " ".join(f"-c tcp_{key}={value}" for key, value in KEEPALIVE.items())
+    return args
 
 
 def _sqlite_folder(path: Path) -> None:
@@ -325,6 +340,10 @@ def check_artifact_dir(path: str | Path) -> None:
             probe.unlink()
 
 
+# How long one attempt waits for a study's budget lock (seconds); it is held for an `ask`.
+LOCK_WAIT_SECONDS = 30.0
+
+
 @contextlib.contextmanager
 def budget_lock(storage: BaseStorage, study_name: str) -> Iterator[None]:
     """Serialise "count the trials, then ask for one" across all workers of a study.
@@ -349,6 +368,12 @@ def budget_lock(storage: BaseStorage, study_name: str) -> Iterator[None]:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         return
     with storage.engine.connect() as connection:
+        # Bounded: a worker cut off while it holds the lock blocks the others only until
+        # the server drops its session (KEEPALIVE); until then a waiter's attempt ends here
+        # with a lock timeout, a transient error that ``retrying`` retries and logs.
+        connection.execute(
+            sqlalchemy.text(f"SET LOCAL lock_timeout = {int(LOCK_WAIT_SECONDS * 1000)}")
+        )
         connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         try:
             yield
