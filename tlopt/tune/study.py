@@ -99,6 +99,30 @@ def buildable_problems(model: ModelConfig, pruner: PrunerConfig) -> list[tuple[s
     return problems
 
 
+def check_searched_cuts(config: StudyConfig, stage: str) -> None:
+    """Every ``cut`` the stage searches is a feature stage of the backbone, or a ConfigError.
+
+    Checked when the study is created: a value the model cannot take would otherwise fail
+    its trials one after another on every worker.
+    """
+    from tlopt.models.backbones import create_backbone
+    from tlopt.models.cut import CutModel
+
+    cuts = config.space_for(stage).cut
+    if not cuts:
+        return
+    base = create_backbone(config.model.backbone, "none", 2)
+    problems = []
+    for cut in cuts:
+        try:
+            CutModel(base, cut, 2)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        key = f"stages.{stage}.cut" if "cut" in config.stages.get(stage, {}) else "search.cut"
+        raise ConfigError(f"{key}: {'; '.join(problems)}")
+
+
 def create(
     config: StudyConfig,
     stage_name: str,
@@ -127,6 +151,7 @@ def create(
     )
     existing = study_names(storage)
     head_study = _head_study(storage, existing, stage, name)
+    check_searched_cuts(config, stage.name)  # before the data is read: a second, not minutes
     # A fine-tuning stage validates on its head study's split: the one that study stored.
     held_out = head_study.user_attrs.get(ATTR + "held_out") if head_study else None
     source = open_config_source(config, held_out)
