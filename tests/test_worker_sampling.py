@@ -173,9 +173,12 @@ def _proposed(url: str) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_one_seed_one_study_two_single_worker_runs_propose_the_same(tmp_path: Path) -> None:
-    """Two fresh runs of one study file by one worker each (two processes, two storages)."""
+    """Two fresh runs of one study file by one worker each (two processes, two storages).
+
+    14 trials: past TPE's 10 random start-up ones, so TPE's own proposals are compared too.
+    """
     path = _config(
-        tmp_path, 6, SPACE.replace("lr = [1e-3, 3e-3]", "lr = {low = 1e-4, high = 1e-2}")
+        tmp_path, 14, SPACE.replace("lr = [1e-3, 3e-3]", "lr = {low = 1e-4, high = 1e-2}")
     )
     runs = []
     for run in ("a", "b"):
@@ -192,7 +195,7 @@ def test_one_seed_one_study_two_single_worker_runs_propose_the_same(tmp_path: Pa
         )
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append(_proposed(url))
-    assert len(runs[0]) == 6 and runs[0] == runs[1], runs
+    assert len(runs[0]) == 14 and runs[0] == runs[1], runs
 
 
 # --- CPU threads per slot --------------------------------------------------------------------
