@@ -115,3 +115,27 @@ def test_lr_range_and_missing_file(tmp_path: Path) -> None:
     (tmp_path / "broken.toml").write_text("[data\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(tmp_path / "broken.toml")
+
+
+@pytest.mark.parametrize("written", [True, False], ids=["written", "left-out"])
+def test_a_value_written_on_purpose_holds_for_every_stage(tmp_path: Path, written: bool) -> None:
+    """Decided by presence, never by equality (issue 21): [search] warmup_epochs = [0] and
+    layer_decay = [1.0], both the head's defaults, hold in the fine-tuning stages too, in the
+    config and in the snapshot a study stores; left out, fine-tuning takes 1 and 0.7."""
+    from tlopt.cli.study import space_summary
+
+    search = "warmup_epochs = [0]\nlayer_decay = [1.0]\n" if written else ""
+    path = tmp_path / "s.toml"
+    path.write_text(f'[data]\nsource = "digits"\n[search]\nlr = [1e-3]\n{search}')
+    config = load_config(path)
+    stored = StudyConfig.from_dict(config.to_dict())
+    assert stored == config
+    expected = ((0.0,), (1.0,)) if written else ((1.0,), (0.7,))
+    for stage in ("freeze1", "freeze2", "full"):
+        for cfg in (config, stored):
+            space = cfg.space_for(stage)
+            assert (space.warmup_epochs, space.layer_decay) == expected, stage
+        summary = space_summary(stored.space_for(stage), stage)
+        assert f"warmup_epochs {expected[0][0]:g}, layer_decay {expected[1][0]:g}," in summary
+    head = config.space_for("head")
+    assert (head.warmup_epochs, head.layer_decay) == ((0.0,), (1.0,))

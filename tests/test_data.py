@@ -316,9 +316,38 @@ def test_symlinks_files_followed_folder_loops_ignored(tmp_path):
         save(tmp_path / "data" / name / "0.png")
     (tmp_path / "data" / "a" / "link.png").symlink_to(tmp_path / "data" / "b" / "0.png")
     (tmp_path / "data" / "a" / "loop").symlink_to(tmp_path / "data" / "a")
-    with pytest.warns(DataWarning, match="more than one split"):  # link and target: same bytes
-        source = open_source("folder", tmp_path / "data", val_fraction=0.5)
+    source = open_source("folder", tmp_path / "data", val_fraction=0.5)
     assert sorted(item.key for item in source.items) == ["a/0.png", "a/link.png", "b/0.png"]
+    split_of = {item.key: item.split for item in source.items}
+    assert split_of["a/link.png"] == split_of["b/0.png"]  # link and target: same bytes, one split
+
+
+def test_byte_identical_files_stay_in_one_split_and_are_counted(tmp_path, caplog):
+    """Twins (a copied photo) in a folder tlopt splits: each picture in one split, the split
+    still stratified and seeded; said once, with where they went."""
+    pictures = [noise() for _ in range(6)]
+    for name in ("ants", "bees"):
+        for i in range(20):
+            save(tmp_path / name / f"{i:02d}.png", noise())
+        for j, picture in enumerate(pictures[:3] if name == "ants" else pictures[3:]):
+            for copy in range(3):  # three copies of each: 9 twins per class
+                save(tmp_path / name / f"twin{j}-{copy}.png", picture)
+    with caplog.at_level("INFO", logger="tlopt.data"):
+        source = open_source("folder", tmp_path, val_fraction=0.2, test_fraction=0.2, seed=1)
+    assert source.duplicates == 0
+    by_picture: dict[str, set[str]] = {}
+    for item in source.items:
+        if "twin" in item.key:
+            by_picture.setdefault(item.key.split("-")[0], set()).add(item.split)
+    assert len(by_picture) == 6 and all(len(s) == 1 for s in by_picture.values()), by_picture
+    counts = source.counts()
+    for name in ("ants", "bees"):  # 29 files a class: val and test near 6 each
+        assert 4 <= counts["val"][name] <= 8 and 4 <= counts["test"][name] <= 8, counts
+    said = [r.getMessage() for r in caplog.records if "byte-identical" in r.getMessage()]
+    assert len(said) == 1 and "18 files in" in said[0] and "copies of 6 pictures" in said[0]
+    assert "6 kept in one split (" in said[0], said
+    again = open_source("folder", tmp_path, val_fraction=0.2, test_fraction=0.2, seed=1)
+    assert again.fingerprint == source.fingerprint
 
 
 @pytest.mark.parametrize(

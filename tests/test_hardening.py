@@ -55,6 +55,7 @@ epochs = [1]
 decay = ["constant"]
 lr = [3e-3]
 optimizer = ["sgd"]
+dropout = [0.0, 0.1]  # 2 points for the budget of 2 (no point runs twice)
 [pruner]
 type = "nop"
 """

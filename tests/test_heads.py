@@ -87,23 +87,6 @@ def test_a_trial_does_not_depend_on_its_batch_mates(
     assert [r.val_loss for r in a.history] == pytest.approx([r.val_loss for r in b.history])
 
 
-def test_batched_with_dropout_reaches_the_plain_paths_loss(
-    digits: tuple[ImageSet, ImageSet],  # noqa: F811
-) -> None:
-    """Dropout masks come from another generator than fit's: the same loss within 5%."""
-    train, val, weight, bias = _features(digits)
-    params = TrainParams(batch_size=16, epochs=6, lr=3e-3)
-    got = fit_heads(
-        [HeadTask(params, 0.2)], weight, bias, train, digits[0].labels, val, digits[1].labels
-    )[0]
-    torch.manual_seed(0)
-    model = create_backbone("test_efficientnet", "none", num_classes=10, drop_rate=0.2)
-    apply_stage(model, parse_stage("head"))
-    want = fit(model, digits[0], digits[1], params, seed=0)
-    assert isinstance(got, FitResult)
-    assert got.best_val_loss == pytest.approx(want.best_val_loss, rel=0.05)
-
-
 def test_pruning_or_nan_ends_one_trial_not_the_batch(
     digits: tuple[ImageSet, ImageSet],  # noqa: F811
 ) -> None:

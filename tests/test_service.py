@@ -42,7 +42,7 @@ n_trials = {n_trials}
 batch_size = [32, 64]
 epochs = [{epochs}]
 decay = ["constant", "exponential"]
-lr = [1e-3, 3e-3]
+lr = {{low = 1e-3, high = 3e-3, log = true}}  # continuous: budgets of 40 never use it up
 optimizer = ["adam"]
 [pruner]
 type = "nop"

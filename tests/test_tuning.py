@@ -40,6 +40,7 @@ epochs = [4]
 decay = ["constant", "exponential"]
 lr = [3e-3, 9.0]
 optimizer = ["sgd"]
+momentum = [0.9, 0.8]
 [stages.freeze1]
 lr = [3e-3, 1e-7]
 optimizer = ["adam"]
@@ -260,6 +261,11 @@ def test_head_trials_train_together(storage_url: str, tiny: Path) -> None:
     # Trials asked together start before any of them completes, so the first batch is not
     # pruned (as with parallel workers); lr 9 then trails the trials that learn.
     assert studies.best_trial(head).params["lr"] == 3e-3
+    # Trained together: the 4 trials asked first ran their epochs as one batch, on one clock.
+    first = [t for t in head.trials if t.number < 4]
+    for epoch in range(4):
+        clocks = {t.user_attrs["history"][epoch]["seconds"] for t in first}
+        assert len(clocks) == 1, (epoch, clocks)
 
     # The same params one at a time, through fit: the same value.
     studies.create(config, "head", storage_url, name="tiny/head-alone")
@@ -286,3 +292,49 @@ def test_export_best_of_a_batched_head_study_retrains_to_its_value(
     assert manifest["trial"] == best.number
     assert manifest["retrained_value"] == pytest.approx(best.value, rel=1e-4)
     assert manifest["retrained_val_accuracy"] == pytest.approx(best.user_attrs["val_accuracy"])
+
+
+def test_cropped_head_trials_never_train_on_cached_features(
+    sqlite_storage_url: str, tiny: Path
+) -> None:
+    """A random-resized crop changes what the backbone sees at every step, so a head study
+    that crops trains its trials through fit on the images, never on cached features."""
+    from tlopt.tune.context import StudyContext
+    from tlopt.tune.runner import can_batch_heads
+
+    for crop, cached in (("[1.0]", True), ("[0.6]", False), ("[0.6, 1.0]", False)):
+        path = tiny.with_name("crop.toml")
+        path.write_text(
+            TINY.replace('optimizer = ["sgd"]\n', f'optimizer = ["sgd"]\ncrop_scale = {crop}\n')
+        )
+        name = f"tiny/head-crop{crop}"
+        studies.create(load_config(path), "head", sqlite_storage_url, name=name)
+        ctx = StudyContext.open(
+            optuna.load_study(study_name=name, storage=sqlite_storage_url), "cpu"
+        )
+        assert can_batch_heads(ctx) is cached, crop
+
+
+def test_study_show_warns_of_a_trial_that_lost_the_head(sqlite_storage_url: str) -> None:
+    """A fine-tuning trial whose first epoch lost more than 2 points of the head's accuracy."""
+    from typer.testing import CliRunner
+
+    from tlopt.cli import app
+
+    study = optuna.create_study(study_name="ft/freeze1", storage=sqlite_storage_url)
+    study.set_user_attr("tlopt.stage", "freeze1")
+    for head, first in ((0.90, 0.89), (0.90, 0.50)):  # 1 point lost, then 40
+        history = [
+            {"epoch": e, "val_accuracy": acc, "val_loss": 0.3, "train_loss": 0.3}
+            for e, acc in enumerate((head, first, 0.95))
+        ]
+        study.add_trial(optuna.trial.create_trial(value=0.3, user_attrs={"history": history}))
+    shown = CliRunner().invoke(
+        app, ["study", "show", "ft/freeze1", "--storage", sqlite_storage_url]
+    )
+    assert shown.exit_code == 0, shown.output
+    warnings = [line for line in shown.output.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: trial 1 lost 40.0 points of the head's validation accuracy in its first "
+        "epoch: lower [stages.freeze1] lr or raise warmup_epochs"
+    ]

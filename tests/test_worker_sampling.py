@@ -94,20 +94,67 @@ def test_a_point_a_running_trial_holds_is_drawn_again(
     assert len(set(points)) == len(points) == 8, points
 
 
-def test_tpe_batches_after_its_start_up_are_distinct_too(
+# 2 x 2 x 6 = 24 points, all categorical: TPE's usual space in tlopt.
+CATEGORICAL = SPACE.replace("lr = [1e-3, 3e-3]", "lr = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]")
+
+
+def _value(params: dict[str, Any]) -> float:
+    """A loss with one best point (lr 3e-3, constant, bs 32), for TPE to home in on."""
+    lr = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2].index(params["lr"])
+    return abs(lr - 3) + (params["decay"] != "constant") + (params["batch_size"] != 32) / 2
+
+
+def test_tpe_past_its_start_up_never_repeats_a_finished_point(
     sqlite_storage_url: str, tmp_path: Path
 ) -> None:
-    """Past TPE's 10 random start-up trials: multivariate proposals, still distinct."""
-    search = SPACE.replace("lr = [1e-3, 3e-3]", "lr = {low = 1e-4, high = 1e-1, log = true}")
-    search = search.replace('decay = ["constant", "exponential"]', 'decay = ["constant"]')
-    study, ask = _asker(sqlite_storage_url, tmp_path, 40, search.replace("[32, 64]", "[32]"))
-    for _ in range(12):
+    """A categorical space past TPE's 10 random start-up trials: TPE proposes its best point
+    again and again; every trial, one at a time and then four at once, gets a new one."""
+    study, ask = _asker(sqlite_storage_url, tmp_path, 40, CATEGORICAL)
+    for _ in range(16):
         (trial,) = ask(1)
-        study.tell(trial, abs(trial.params["lr"] - 3e-3))
+        study.tell(trial, _value(trial.params))
     batch = ask(4)
-    assert len({t.params["lr"] for t in batch}) == 4
-    # TPE, not random draws: all four near the best learning rate (3e-3) found so far.
-    assert all(1e-3 < t.params["lr"] < 1e-2 for t in batch), [t.params for t in batch]
+    points = [sampling.point(t.params) for t in study.trials]
+    assert len(batch) == 4 and len(points) == 20 and len(set(points)) == 20, points
+
+
+def test_a_used_up_space_stops_the_study_and_says_so(
+    sqlite_storage_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """4 points, a budget of 6: the worker runs the 4 points once each and stops there."""
+    from tlopt.tune.worker import work
+
+    config = load_config(_config(tmp_path, 6, SPACE.replace("lr = [1e-3, 3e-3]", "lr = [1e-3]")))
+    studies.create(config, "head", sqlite_storage_url)
+    with caplog.at_level("INFO", logger="tlopt.worker"):
+        summary = work("smp/head", sqlite_storage_url, heads_at_once=1)
+    study = optuna.load_study(study_name="smp/head", storage=sqlite_storage_url)
+    points = {sampling.point(t.params) for t in study.trials}
+    assert summary.complete == len(study.trials) == len(points) == 4
+    assert "the search space holds 4 points: the study stops after 4 finished trials, not 6" in (
+        caplog.text
+    )
+
+
+@pytest.mark.parametrize(
+    ("search", "size"),
+    [
+        (SPACE, 8),
+        (SPACE.replace("[pruner]", "flip = [true, false]\n[pruner]"), 16),
+        (SPACE.replace("[pruner]", "flip = [true, false]\ncut = [1, 2, 3]\n[pruner]"), 48),
+        (CATEGORICAL.replace("[pruner]", "dropout = [0.0, 0.2]\n"
+         "[search.decay_params.exponential]\ngamma = [0.9, 0.95]\n[pruner]"), 2 * 6 * 2 * 3),
+    ],
+    ids=["plain", "flip", "flip-cut", "decay-params"],
+)  # fmt: skip
+def test_space_size_counts_every_searched_value(tmp_path: Path, search: str, size: int) -> None:
+    """The size is the number of distinct points suggest draws: flips and cuts included."""
+    from tlopt.tune.space import space_size
+
+    space = load_config(_config(tmp_path, 1, search)).space_for("head")
+    assert space_size(space) == size
+    walked = {sampling.point(w.params) for w in sampling._points(space, "head")}
+    assert len(walked) == size
 
 
 def test_sampler_seed_is_the_study_seed_and_the_slot() -> None:
@@ -126,9 +173,12 @@ def _proposed(url: str) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_one_seed_one_study_two_single_worker_runs_propose_the_same(tmp_path: Path) -> None:
-    """Two fresh runs of one study file by one worker each (two processes, two storages)."""
+    """Two fresh runs of one study file by one worker each (two processes, two storages).
+
+    14 trials: past TPE's 10 random start-up ones, so TPE's own proposals are compared too.
+    """
     path = _config(
-        tmp_path, 6, SPACE.replace("lr = [1e-3, 3e-3]", "lr = {low = 1e-4, high = 1e-2}")
+        tmp_path, 14, SPACE.replace("lr = [1e-3, 3e-3]", "lr = {low = 1e-4, high = 1e-2}")
     )
     runs = []
     for run in ("a", "b"):
@@ -145,7 +195,7 @@ def test_one_seed_one_study_two_single_worker_runs_propose_the_same(tmp_path: Pa
         )
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append(_proposed(url))
-    assert len(runs[0]) == 6 and runs[0] == runs[1], runs
+    assert len(runs[0]) == 14 and runs[0] == runs[1], runs
 
 
 # --- CPU threads per slot --------------------------------------------------------------------

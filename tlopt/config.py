@@ -85,11 +85,9 @@ class SearchSpace:
 # group from the head down (EfficientNet-Lite0's earliest trained group at 0.7**6 = 0.12,
 # against fastai's 0.01 over more groups). Measured on hymenoptera: README, Accuracy.
 FINE_TUNE_LR_FACTOR = 0.1
-FINE_TUNE_DEFAULTS: dict[str, tuple[Any, Any]] = {
-    # field: (the [search] default it replaces, the fine-tuning default)
-    "warmup_epochs": ((0.0,), (1.0,)),
-    "layer_decay": ((1.0,), (0.7,)),
-}
+# A value [search] writes holds for every stage, even one equal to the [search] default: the
+# parser records which of these fields the file wrote (decided by presence, never by equality).
+FINE_TUNE_DEFAULTS: dict[str, Any] = {"warmup_epochs": (1.0,), "layer_decay": (0.7,)}
 
 
 def fine_tunes_from_head(stage: str) -> bool:
@@ -127,18 +125,22 @@ class StudyConfig:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    # The FINE_TUNE_DEFAULTS fields [search] wrote; the snapshot (to_dict) leaves out the others.
+    search_written: frozenset[str] = frozenset()
 
     def space_for(self, stage: str) -> SearchSpace:
         """The search space of ``stage``: ``[search]`` with ``[stages.STAGE]`` on top.
 
-        A fine-tuning stage takes its defaults from ``FINE_TUNE_DEFAULTS`` (where ``[search]``
-        left them at theirs) and a tenth of the head's learning rates, under its own table.
+        A fine-tuning stage takes the ``FINE_TUNE_DEFAULTS`` of the fields ``[search]`` did not
+        write (a value written on purpose holds, even when it equals the default) and a tenth
+        of the head's learning rates, under its own table.
         """
         space = self.search
         if fine_tunes_from_head(stage):
             tuned: dict[str, Any] = {
-                name: fine if getattr(space, name) == default else getattr(space, name)
-                for name, (default, fine) in FINE_TUNE_DEFAULTS.items()
+                name: fine
+                for name, fine in FINE_TUNE_DEFAULTS.items()
+                if name not in self.search_written
             }
             lr = space.lr
             if isinstance(lr, FloatRange):
@@ -152,8 +154,17 @@ class StudyConfig:
         return replace(space, **override) if override else space
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable snapshot (stored in the study)."""
-        return _jsonable(asdict(self))
+        """A JSON-serialisable snapshot (stored in the study) that parses back to ``self``.
+
+        ``[search]`` leaves out the ``FINE_TUNE_DEFAULTS`` fields the file did not write, so
+        that the snapshot, like the file, says which values were set on purpose.
+        """
+        raw = asdict(self)
+        written = raw.pop("search_written")
+        for name in FINE_TUNE_DEFAULTS:
+            if name not in written:
+                del raw["search"][name]
+        return _jsonable(raw)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<snapshot>") -> StudyConfig:

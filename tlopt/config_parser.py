@@ -13,6 +13,7 @@ from typing import Any
 
 from tlopt.config import (
     BATCH_SIZES,
+    FINE_TUNE_DEFAULTS,
     Check,
     Choice,
     DataConfig,
@@ -134,7 +135,9 @@ class Parser:
         timeout = self.number(raw, "timeout", d.timeout, float, 0, 1e9, "")
         data = self.data(self.table(raw, "data"), base_dir)
         model = self.model(self.table(raw, "model"))
-        search = self.search(self.table(raw, "search"), "search.", SearchSpace())
+        search_raw = self.table(raw, "search")
+        search = self.search(search_raw, "search.", SearchSpace())
+        written = frozenset(k for k in FINE_TUNE_DEFAULTS if k in search_raw)
         stages: dict[str, dict[str, Any]] = {}
         for stage, table in self.table(raw, "stages").items():
             try:
@@ -155,7 +158,7 @@ class Parser:
         if self.problems:
             raise ConfigError("\n".join(self.problems))
         return StudyConfig(
-            name, seed, n_trials, timeout, data, model, search, stages, pruner, storage
+            name, seed, n_trials, timeout, data, model, search, stages, pruner, storage, written
         )
 
     def data(self, raw: dict[str, Any], base_dir: Path | None) -> DataConfig:

@@ -183,6 +183,7 @@ def _finished(name: str, url: str) -> int:
 
 def _stage(config: StudyConfig, stage: str, url: str, p: Placement, say: Any) -> dict[str, Any]:
     """Create (or reuse) the stage's study and run workers until it holds its budget."""
+    from tlopt.tune.sampling import stage_budget
     from tlopt.tune.supervisor import supervise
     from tlopt.tune.worker import work
 
@@ -194,6 +195,7 @@ def _stage(config: StudyConfig, stage: str, url: str, p: Placement, say: Any) ->
     if stored.get("n_trials") != budget:  # a rerun with another --trials: the study takes it
         study.set_user_attr(ATTR + "config", snapshot(config))
         say(f"stage {stage}: budget {stored.get('n_trials')} -> {budget} finished trials")
+    budget = stage_budget(budget, config.space_for(stage))  # a used-up space stops the stage
     before = len(study.get_trials(deepcopy=False, states=FINISHED))
     if before >= budget:
         say(f"stage {stage}: '{name}' holds {before} of {budget} finished trials: nothing to run")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from tlopt.cli.apps import study_app
 from tlopt.cli.common import JsonOpt, StorageOpt, print_json, table
+from tlopt.config import FloatRange, SearchSpace
 
 
 @study_app.command("create")
@@ -39,8 +41,41 @@ def study_create(
     typer.echo(f"  {len(plan.classes)} classes; images per split: {plan.counts}")
     size = plan.space_size if plan.space_size is not None else "continuous"
     typer.echo(f"  search space: {size} points; budget {cfg.n_trials} trials")
+    typer.echo(f"  stage {plan.stage} runs: {space_summary(cfg.space_for(plan.stage), plan.stage)}")
     if plan.created:
         typer.echo(f"next: tlopt worker --study {plan.name}")
+
+
+def space_summary(space: SearchSpace, stage: str = "head") -> str:
+    """What a stage's trials run: each field's values, ``a|b`` a choice, ``low..high`` a range.
+
+    Example:
+        >>> space_summary(SearchSpace())[:43]
+        'batch_size 8|16|32, epochs 10|25|50|75|100|'
+    """
+    parts = []
+    for name, value in ((f.name, getattr(space, f.name)) for f in fields(space)):
+        if name == "decay_params":
+            for decay, params in value.items():
+                if decay in space.decay:
+                    parts += [f"{decay}.{p} {_values(v)}" for p, v in params.items()]
+        elif name == "cut" and not value:
+            continue
+        elif name == "bn_train" and value is None:  # the trainer's rule (space.suggest)
+            parts.append(f"bn_train {str(stage == 'scratch').lower()}")
+        else:
+            parts.append(f"{name} {_values(value)}")
+    return ", ".join(parts)
+
+
+def _values(value: Any) -> str:
+    if isinstance(value, FloatRange):
+        return f"{value.low:g}..{value.high:g}" + (" (log)" if value.log else "")
+    if isinstance(value, tuple):
+        return "|".join(_values(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @study_app.command("list")

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -82,6 +82,7 @@ def read_folder(
     classes = _check_classes(root, layout, good, bad)
     _check_bad_fraction(root, len(bad), len(layout.found), max_bad_fraction)
     records = _folder_records(good, classes, val_fraction, test_fraction, seed, held_out)
+    _say_twins(root, records)
     skipped = [(f.key, r.reason) for f, r in bad]
     return Contents(root, classes, records, skipped=skipped, ignored=layout.ignored)
 
@@ -316,7 +317,8 @@ def _folder_records(
         if f.split is None or (f.split == "train" and not has_val):
             carve[f.class_name].append(f.key)
     test = 0.0 if pre_split else test_fraction
-    split_of = assign_splits(carve, val_fraction, test, seed, held_out)
+    content_of = {f.key: r.digest for f, r in good}
+    split_of = assign_splits(carve, val_fraction, test, seed, held_out, content_of)
     return [
         Record(
             f.key,
@@ -328,3 +330,29 @@ def _folder_records(
         )
         for f, r in good
     ]
+
+
+def _say_twins(root: Path, records: Sequence[Record]) -> None:
+    """Say how many files are byte-identical copies and which split each picture went to.
+
+    Real folders hold them (80 of 1,577 photos in one); tlopt's own split keeps each picture
+    in one split (``assign_splits``), a folder's own train/val/test folders may not.
+    """
+    splits_of: dict[str, list[str]] = defaultdict(list)
+    for record in records:
+        splits_of[record.digest].append(record.split)
+    twins = {d: splits for d, splits in splits_of.items() if len(splits) > 1}
+    if not twins:
+        return
+    kept = Counter(splits[0] for splits in twins.values() if len(set(splits)) == 1)
+    across = len(twins) - sum(kept.values())
+    where = ", ".join(f"{split} {kept[split]}" for split in ("train", "val", "test") if kept[split])
+    log.info(
+        "%d files in '%s' are byte-identical copies of %d pictures: %d kept in one split (%s)%s",
+        sum(len(s) for s in twins.values()),
+        root,
+        len(twins),
+        sum(kept.values()),
+        where or "none",
+        f"; {across} in more than one (the folder's own split folders)" if across else "",
+    )

@@ -13,8 +13,10 @@ empty and the whole model runs every step (correct, just slower).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
-import torch.nn.functional as F
 from timm.models._features import _module_list
 from torch import nn
 
@@ -22,15 +24,34 @@ from tlopt.models.backbones import classifier_name
 
 # Names timm gives to the parts of ``forward_head`` (pooling, pre-logits, classifier).
 _HEAD_PARTS = {"global_pool", "pre_logits", "head", "fc", "classifier", "head_drop", "fc_norm"}
-_VERIFIED: dict[tuple[str, str, int | None, int], bool] = {}
+_HEAD_DROPOUTS = (".head_drop", ".head.drop")
+_VERIFIED: dict[tuple[str, str, int | None, int], tuple[bool, bool]] = {}
 
 
 def _frozen(module: nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters())
 
 
+def head_dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The head's dropout, its mask drawn from the trial's ``generator`` (global one if None).
+
+    Every path a trial can take applies the head's dropout here, in this form, drawn right
+    after the step's flips (and crops): the batched head trainer, ``fit`` on cached features,
+    on images or on the whole model. So one trial's history does not depend on its path.
+    """
+    if p <= 0:
+        return x
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
+    return x * keep / (1 - p)
+
+
 class SplitModel:
     """``rest(prefix(x)) == model(x)``, with ``prefix`` frozen and deterministic.
+
+    The model's own head dropout (timm applies it inside ``forward_head``, before the
+    classifier) never runs: ``rest`` applies :func:`head_dropout` in its place, at the
+    model's ``drop_rate``, so the prefix gives the same output in train and eval mode and
+    every path draws the same masks.
 
     Attributes:
         mode: ``"pooled"`` (prefix gives the pooled pre-logits vector, rest is dropout and the
@@ -40,9 +61,21 @@ class SplitModel:
     def __init__(self, model: nn.Module, image_size: int) -> None:
         self.model = model
         self.body = self._body_modules(model)
-        sequential = self._verify(model, image_size)
         classifier = classifier_name(model)
         self.classifier: nn.Module = model.get_submodule(classifier)
+        sequential, self.head_split = self._verify(model, image_size, self.classifier)
+        self.drop = float(getattr(model, "drop_rate", 0.0) or 0.0)
+        # What reads the training flag for the head's dropout: a model's forward_head
+        # (F.dropout(training=self.training): ResNet, EfficientNet, MobileNet, CutModel; the
+        # model itself, or a timm model inside another module) and the Dropout right before
+        # the classifier (ViT's head_drop, ConvNeXt's and VGG's head.drop; VGG's
+        # pre_logits.drop is part of its MLP and keeps its own).
+        self._head_flags: list[nn.Module] = [
+            m
+            for n, m in model.named_modules()
+            if hasattr(m, "forward_head")
+            or (isinstance(m, nn.Dropout) and f".{n}".endswith(_HEAD_DROPOUTS))
+        ]
         only_classifier = all(
             not p.requires_grad or n.startswith(classifier + ".")
             for n, p in model.named_parameters()
@@ -51,7 +84,7 @@ class SplitModel:
         if sequential:
             while self.cut < len(self.body) and _frozen(self.body[self.cut]):
                 self.cut += 1
-        if sequential and only_classifier:
+        if sequential and only_classifier and self.head_split:
             self.mode = "pooled"
         elif self.cut > 0:
             self.mode = "body"
@@ -67,7 +100,11 @@ class SplitModel:
             body.append(module)
         return body
 
-    def _verify(self, model: nn.Module, image_size: int) -> bool:
+    def _verify(
+        self, model: nn.Module, image_size: int, classifier: nn.Module
+    ) -> tuple[bool, bool]:
+        """(the body modules run in order give ``forward_features``; the classifier on the
+        pre-logits gives ``forward_head``), checked in eval mode once per architecture."""
         key = (
             model.pretrained_cfg.get("architecture", ""),
             type(model).__name__,
@@ -81,17 +118,27 @@ class SplitModel:
                 2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)
             )
             x = x.to(next(model.parameters()).device)
-            try:
-                with torch.no_grad():
-                    expected = model.forward_features(x)
+            with torch.no_grad():
+                expected = model.forward_features(x)
+                logits = model.forward_head(expected)
+                # Not so where the head adds more after the pre-logits (DeiT's distilled head).
+                head = classifier(model.forward_head(expected, pre_logits=True))
+                try:
                     got = x
                     for module in self.body:
                         got = module(got)
-                _VERIFIED[key] = got.shape == expected.shape and torch.allclose(
-                    got, expected, atol=1e-4, rtol=1e-3
-                )
-            except Exception:  # any model whose top level is not a plain sequence
-                _VERIFIED[key] = False
+                    sequential = got.shape == expected.shape and torch.allclose(
+                        got, expected, atol=1e-4, rtol=1e-3
+                    )
+                except Exception:  # any model whose top level is not a plain sequence
+                    sequential = False
+            _VERIFIED[key] = (
+                sequential,
+                bool(
+                    head.shape == logits.shape
+                    and torch.allclose(head, logits, atol=1e-5, rtol=1e-4)
+                ),
+            )
             model.train(was_training)
         return _VERIFIED[key]
 
@@ -99,21 +146,43 @@ class SplitModel:
     def has_prefix(self) -> bool:
         return self.mode != "none"
 
+    @contextlib.contextmanager
+    def _no_head_dropout(self) -> Iterator[None]:
+        saved = [m.training for m in self._head_flags]
+        for m in self._head_flags:
+            m.training = False
+        try:
+            yield
+        finally:
+            for m, training in zip(self._head_flags, saved, strict=True):
+                m.training = training
+
+    def pre_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """``forward_head(features, pre_logits=True)`` without the head's own dropout."""
+        with self._no_head_dropout():
+            return self.model.forward_head(features, pre_logits=True)  # type: ignore[no-any-return]
+
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen part; call under ``torch.no_grad()`` with the prefix in eval mode."""
+        """The frozen part; call under ``torch.no_grad()``. Its output does not depend on the
+        model's train mode (frozen modules stay in eval mode, the head's dropout is in rest)."""
         if self.mode == "pooled":
-            return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+            return self.pre_logits(self.model.forward_features(x))
         for module in self.body[: self.cut]:
             x = module(x)
         return x
 
-    def rest(self, z: torch.Tensor) -> torch.Tensor:
-        """The trainable part, from the prefix's output to the logits."""
-        if self.mode == "pooled":
-            drop = float(getattr(self.model, "drop_rate", 0.0) or 0.0)
-            return self.classifier(F.dropout(z, p=drop, training=self.classifier.training))
+    def rest(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The trainable part, from the prefix's output to the logits; in train mode the
+        head's dropout draws its mask from ``generator`` (:func:`head_dropout`)."""
         if self.mode == "none":
-            return self.model(z)
-        for module in self.body[self.cut :]:
-            z = module(z)
-        return self.model.forward_head(z)
+            z = self.model.forward_features(z)
+        elif self.mode == "body":
+            for module in self.body[self.cut :]:
+                z = module(z)
+        if not self.head_split:  # a head that is more than its classifier runs as timm's
+            return self.model.forward_head(z)  # type: ignore[no-any-return]
+        if self.mode != "pooled":
+            z = self.pre_logits(z)
+        if self.classifier.training:
+            z = head_dropout(z, self.drop, generator)
+        return self.classifier(z)  # type: ignore[no-any-return]

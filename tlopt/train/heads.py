@@ -11,10 +11,10 @@ Every trial keeps its own semantics: its batch size (a trial with smaller batche
 steps per epoch; the others sit those steps out), epochs, learning rate and schedule,
 optimizer, dropout, flips, early stopping, and its own random stream seeded with ``seed``,
 drawn in the order ``fit`` draws it. So a trial's history does not depend on which trials
-share its batch, and without dropout it equals ``fit``'s on the cached features (dropout in
-``fit`` draws from the global generator, here from the trial's own). Pruning or a non-finite
-loss ends one trial, not the batch. The step never reads from the device: losses and hits
-are summed there and read once an epoch.
+share its batch, and it equals ``fit``'s on the same data, dropout included (both draw the
+head's dropout from the trial's own generator: :func:`~tlopt.models.split.head_dropout`).
+Pruning or a non-finite loss ends one trial, not the batch. The step never reads from the
+device: losses and hits are summed there and read once an epoch.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tlopt.errors import TloptError
+from tlopt.models.split import head_dropout
 from tlopt.train.ledger import (
     EpochRecord,
     FitResult,
@@ -123,11 +124,7 @@ def fit_heads(
                     flip = torch.rand(index.shape[0], generator=generators[i], device=device)
                     view = (flip < 0.5).long()
                 x = train_features[view, index]
-                p_drop = tasks[i].dropout
-                if p_drop > 0:
-                    keep = torch.rand(x.shape, generator=generators[i], device=device) >= p_drop
-                    x = x * keep / (1 - p_drop)
-                xs.append(x)
+                xs.append(head_dropout(x, tasks[i].dropout, generators[i]))
                 ys.append(train_labels[index])
                 counts.append(index.shape[0])
             x, y, valid = _pad(xs, ys, counts)

@@ -121,7 +121,9 @@ def fit(
         model: a timm model with a stage applied (``requires_grad`` set).
         train, val: the splits, on the training device.
         params: batch size, epochs, optimizer, schedule, warm-up, layer decay, early stopping.
-        seed: seeds shuffling, flips and dropout; the same seed gives the same history on CPU.
+        seed: seeds shuffling, flips, crops and the head's dropout (all drawn from one
+            generator, in the order the batched head trainer draws them) and torch's global
+            generator (other dropout); the same seed gives the same history on CPU.
         on_epoch: called after each epoch with its record and a function returning a
             checkpoint (for ``resume``); it may raise to stop training.
         resume: a checkpoint from ``on_epoch`` to continue from (tensors on any device).
@@ -201,7 +203,7 @@ def fit(
             if params.flip:
                 flip = torch.rand(index.shape[0], generator=generator, device=device) < 0.5
             with autocast(device):
-                logits = rest(train_in.get(index, flip, generator)).float()
+                logits = rest(train_in.get(index, flip, generator), generator).float()
             labels = train.labels[index]
             loss = F.cross_entropy(logits, labels, label_smoothing=params.label_smoothing)
             optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from tlopt.names import ATTR
 from tlopt.tune.resilience import BEAT, beat_once, fail_stale_trials, retrying
-from tlopt.tune.sampling import point
+from tlopt.tune.sampling import TAKEN_STATES, point
 from tlopt.tune.storage import budget_lock, has_budget_lock
 
 log = logging.getLogger("tlopt.worker")
@@ -36,16 +36,15 @@ def next_trials(
     """(up to ``k`` new trials, none to wait; whether the budget is reached), under the lock.
 
     Each trial gets its heartbeat as soon as it is asked for, and then (``propose``) its
-    parameters, unlike those of every running trial, while the lock keeps others out.
+    parameters, unlike those of every running or finished trial, while the lock keeps others
+    out.
     """
     with budget_lock(storage, study_name):
         fail_stale_trials(study, storage)  # a dead worker's trial is failed and re-queued here
         finished, running = count_trials(study)
         if finished >= budget:
             return [], True
-        taken = {
-            point(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        }
+        taken = {point(t.params) for t in study.get_trials(deepcopy=False, states=TAKEN_STATES)}
         trials = []
         for _ in range(min(k, budget - finished - running)):
             trial = study.ask()

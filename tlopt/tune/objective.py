@@ -45,7 +45,7 @@ def objective(trial: optuna.Trial, ctx: StudyContext) -> float:
 
     def on_epoch(record: EpochRecord, checkpoint: Callable[[], dict[str, Any]]) -> None:
         history.append(record)
-        report(trial, ctx, record, epochs, history)
+        report(trial, ctx.config.pruner.type, record, epochs, history)
         if checkpoints and 0 < record.epoch < epochs:
             state = checkpoint()
             retrying("saving a checkpoint", lambda: save_checkpoint(trial, ctx, state))
@@ -87,7 +87,7 @@ def head_objectives(
 
     def on_epoch(i: int, record: EpochRecord) -> None:
         histories[i].append(record)
-        report(trials[i], ctx, record, setups[i].params.epochs, histories[i])
+        report(trials[i], ctx.config.pruner.type, record, setups[i].params.epochs, histories[i])
 
     def on_done(i: int, result: FitResult | BaseException) -> None:
         if isinstance(result, NonFiniteLoss):
@@ -154,17 +154,25 @@ def _finish(
 
 def report(
     trial: optuna.Trial,
-    ctx: StudyContext,
+    pruner: str,
     record: EpochRecord,
     epochs: int,
     history: list[EpochRecord],
 ) -> None:
-    """Log the epoch, report it to the pruner; raise TrialPruned (history saved) if pruned."""
+    """Log the epoch, report it to the pruner; raise TrialPruned (history saved) if pruned.
+
+    Epoch 0 (a fine-tuning trial's inherited head, evaluated before any step) stays in the
+    history but is not reported: it is the same value for every trial, and the median pruner
+    judges a trial by its best reported value, so the head's loss would shield every trial
+    whose loss rose above it (issue 21).
+    """
     log_epoch(trial, record, epochs)
+    if record.epoch == 0:
+        return
     retrying("reporting an epoch", lambda: trial.report(record.val_loss, record.epoch))
     if retrying("asking the pruner", trial.should_prune):
         _set_history(trial, history)
-        reason = f"{ctx.config.pruner.type} pruner at epoch {record.epoch}"
+        reason = f"{pruner} pruner at epoch {record.epoch}"
         retrying("recording a prune", lambda: trial.set_user_attr(ATTR + "prune_reason", reason))
         raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
 

@@ -1,10 +1,11 @@
-"""How a worker draws its trials: one seed, one study; trials that run together differ.
+"""How a worker draws its trials: one seed, one study; no point runs twice.
 
 A worker's sampler is seeded from the study's seed, its slot and how often the supervisor
 restarted that slot, so a single-worker study proposes the same trials every time it runs.
-Each trial's parameters are drawn as soon as it is asked for, and a point that a running trial
-already holds is drawn again, so trials that run together (parallel workers, heads trained at
-once) differ.
+Each trial's parameters are drawn as soon as it is asked for, and a point that a running or
+finished trial already holds is drawn again, so trials that run together (parallel workers,
+heads trained at once) differ and no finished point is trained again. A study stops when its
+space is used up (:func:`stage_budget`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
 
 from tlopt.config import SearchSpace
 from tlopt.errors import TloptError
@@ -28,8 +30,11 @@ log = logging.getLogger("tlopt.worker")
 # TLOPT_WORKER_RESTARTS = how often that slot was restarted. A plain worker is slot 0.
 SLOT_ENV = "TLOPT_WORKER_SLOT"
 RESTARTS_ENV = "TLOPT_WORKER_RESTARTS"
-# How often a trial's point is drawn again while a running trial holds the same point.
+# How often the sampler draws a trial's point again while another trial holds it; then the
+# first free point in the space's order is taken.
 DRAWS = 20
+# Trials whose points a new trial must not repeat: those running and those finished.
+TAKEN_STATES = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def env_int(name: str, default: int) -> int:
@@ -83,6 +88,58 @@ def point(params: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(sorted(params.items()))
 
 
+def stage_budget(n_trials: int, space: SearchSpace) -> int:
+    """The trials a study runs: ``n_trials``, or the size of a smaller space (said once).
+
+    No point runs twice, so a space of 12 points is used up after 12 finished trials.
+    """
+    size = space_size(space)
+    if size is None or size >= n_trials:
+        return n_trials
+    log.info(
+        "the search space holds %d points: the study stops after %d finished trials, not %d "
+        "(no point runs twice)",
+        size,
+        size,
+        n_trials,
+    )
+    return size
+
+
+class _Walk:
+    """Stands in for a trial to list the points of a discrete space, in order (depth first).
+
+    Each choice not yet decided on this walk takes its first value and leaves the others for
+    later walks, so conditional parameters (a decay's own) are listed under their decay only.
+    """
+
+    def __init__(self, decided: dict[str, Any], later: list[dict[str, Any]]):
+        self.decided, self.later = decided, later
+        self.params: dict[str, Any] = {}
+        self.distributions: dict[str, BaseDistribution] = {}
+
+    def suggest_float(self, name: str, *args: Any, **kwargs: Any) -> float:
+        raise TypeError("a continuous space has no list of points")
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        if name in self.decided:
+            value = self.decided[name]
+        else:
+            value = choices[0]
+            self.later += [{**self.params, name: other} for other in reversed(choices[1:])]
+        self.params[name], self.distributions[name] = value, CategoricalDistribution(choices)
+        return value
+
+
+def _points(space: SearchSpace, stage: str) -> Iterator[_Walk]:
+    """Every point of a discrete space, as :func:`suggest` draws them."""
+    later: list[dict[str, Any]] = [{}]
+    while later:
+        walk = _Walk(later.pop(), later)
+        suggest(cast(optuna.Trial, walk), space, stage)
+        yield walk
+
+
 class _Draft:
     """Stands in for a trial while ``space.suggest`` draws its point, storing nothing.
 
@@ -125,13 +182,16 @@ class _Draft:
 def propose(
     space: SearchSpace, stage: str, trial: optuna.Trial, taken: set[tuple[Any, ...]]
 ) -> optuna.Trial:
-    """Draw and store the parameters of a new trial: a point no running trial holds.
+    """Draw and store the parameters of a new trial: a point no running or finished trial holds.
 
-    A trial that was queued (a retry, an enqueued point) keeps its own. Parallel workers and
-    heads trained together would otherwise run the same point at the same time: TPE's
-    constant liar makes that unlikely once it models the study, but its random start-up
-    trials in a small space repeat often. In a space that running trials use up, or after
-    ``DRAWS`` draws, the point drawn last is kept.
+    ``taken`` holds the points of the trials in ``TAKEN_STATES`` (the caller's, under the
+    budget lock); this adds each point it hands out. A trial that was queued (a retry, an
+    enqueued point) keeps its own. TPE proposes points that finished trials hold (its
+    random start-up trials in a small space, and once it models the study, the best point
+    again), and parallel workers and heads trained together would run the same point at
+    once. After ``DRAWS`` draws the first free point of a discrete space is taken; only in a
+    space that trials use up (the worker's budget stops before: :func:`stage_budget`), or a
+    continuous one after ``DRAWS`` draws, is the point drawn last kept.
     """
     frozen = trial.storage.get_trial(trial._trial_id)
     if frozen.params or "fixed_params" in frozen.system_attrs:
@@ -139,13 +199,19 @@ def propose(
         return trial
     size = space_size(space)
     draws = 1 if size is not None and len(taken) >= size else DRAWS
+    draft: _Draft | _Walk
     for draw in range(draws):
         draft = _Draft(trial, frozen, relative=draw == 0)
         suggest(cast(optuna.Trial, draft), space, stage)
         if point(draft.params) not in taken:
             break
     else:
-        log.debug("trial %d repeats the point of a running trial", trial.number)
+        walks = _points(space, stage) if size is not None else iter(())
+        free = next((w for w in walks if point(w.params) not in taken), None)
+        if free is not None:
+            draft = free
+        else:
+            log.warning("trial %d repeats the point of another trial: none is free", trial.number)
     taken.add(point(draft.params))
     for name, value in draft.params.items():
         distribution = draft.distributions[name]

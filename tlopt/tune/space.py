@@ -67,9 +67,15 @@ def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace, stage: str = "hea
 
 
 def space_size(space: SearchSpace) -> int | None:
-    """Number of distinct points in the space (None when a range makes it continuous)."""
+    """Number of distinct points in the space (None when a range makes it continuous).
+
+    Every field :func:`suggest` may draw counts, so that the size is the number of distinct
+    trials the space holds (a study stops there: no point runs twice).
+    """
     size = 1
     for choice in (
+        space.flip,
+        space.cut or (None,),  # empty: no cut, one point
         space.batch_size,
         space.epochs,
         space.lr,

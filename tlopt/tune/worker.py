@@ -37,7 +37,14 @@ from tlopt.tune.context import StudyContext, TrialDone
 from tlopt.tune.objective import can_batch_heads, head_objectives, objective
 from tlopt.tune.pruners import make_pruner
 from tlopt.tune.resilience import heartbeat, retrying
-from tlopt.tune.sampling import RESTARTS_ENV, env_int, make_sampler, propose, worker_slot
+from tlopt.tune.sampling import (
+    RESTARTS_ENV,
+    env_int,
+    make_sampler,
+    propose,
+    stage_budget,
+    worker_slot,
+)
 from tlopt.tune.storage import mask_url, open_storage, resolve_url
 from tlopt.tune.study import load
 from tlopt.tune.supervisor import omp_threads
@@ -128,6 +135,7 @@ def work(
         compile=compile,
         on_trial_done=on_trial_done,
     )
+    budget = stage_budget(budget, ctx.space)  # no point runs twice: a small space stops first
     log.info(
         "worker %d (slot %d) on %s, %d CPU threads, study %s in %s, budget %d finished trials",
         os.getpid(),
