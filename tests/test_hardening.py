@@ -20,6 +20,7 @@ import pickle
 import secrets
 import subprocess
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -480,6 +481,37 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(
     assert (summary.failed, summary.complete) == (1, 2)
     assert failed.state == TrialState.FAIL
     assert "CUDA out of memory" in failed.user_attrs["tlopt.error"]
+
+
+def test_out_of_memory_frees_the_failed_step_before_emptying_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The traceback of an OOM holds fit's frames and their tensors: while it lives,
+    ``empty_cache`` frees nothing and --per-gpu siblings keep running out. The worker drops
+    it first, so a tensor the failed step held is gone when the cache is emptied."""
+    from tlopt.train import trainer
+    from tlopt.tune import worker
+
+    storage = f"sqlite:///{tmp_path}/s.db"
+    studies.create(load_config(study_file(tmp_path)), "scratch", storage)  # trained by fit
+    held: list[weakref.ref[torch.Tensor]] = []
+    freed_when_emptied: list[bool] = []
+    real_check = trainer.check_stop
+
+    def step_runs_out(should_stop: Callable[[], bool] | None, epoch: int) -> None:
+        if not held:  # the first step of the first trial
+            activations = torch.ones(2**22)  # 16 MB the step holds when it runs out
+            held.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real_check(should_stop, epoch)
+
+    monkeypatch.setattr(trainer, "check_stop", step_runs_out)
+    monkeypatch.setattr(
+        torch.cuda, "empty_cache", lambda: freed_when_emptied.append(held[0]() is None)
+    )
+    summary = worker.work("tiny/scratch", storage, device="cpu")
+    assert (summary.failed, summary.complete) == (1, 2)
+    assert freed_when_emptied == [True]
 
 
 @pytest.mark.gpu

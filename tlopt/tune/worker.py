@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from tlopt.config import StudyConfig
-from tlopt.devices import check_device
+from tlopt.devices import check_device, free_after
 from tlopt.errors import TloptError
 from tlopt.names import ATTR
 from tlopt.progress import bar
@@ -310,7 +310,7 @@ def _settle(study: optuna.Study, trial: optuna.Trial, outcome: float | BaseExcep
         return TrialState.PRUNED
     if isinstance(outcome, BaseException):
         if isinstance(outcome, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
+            free_after(outcome)  # before the next trial: drop fit's frames, empty the cache
             reason = (
                 f"CUDA out of memory at batch size {trial.params.get('batch_size')}: lower "
                 "search.batch_size or data.image_size, or use fewer --per-gpu"
