@@ -316,7 +316,7 @@ def test_password_in_the_study_file_is_never_stored_or_printed(
     assert created.returncode == 0 and ":***@" in created.stdout, created.stderr
     study = optuna.load_study(study_name="tiny/head", storage=pg_storage_url)
     assert password not in json.dumps(study.user_attrs)
-    assert ":***@" in study.user_attrs["tlopt.config"]["storage"]["url"]
+    assert study.user_attrs["tlopt.config"]["storage"]["url"] == ""  # no URL in the study
     # The stored (masked) URL does not count as a change of config.
     again = cli("study", "create", "--config", str(config), "--stage", "head", secret=password)
     one_line_error(again, "already exists")
@@ -337,6 +337,16 @@ def test_mask_url_hides_every_password_shape() -> None:
         assert secret not in mask_url(url) and ":***@db" in mask_url(url)
     assert mask_url("sqlite:////a/b.db") == "sqlite:////a/b.db"
     assert mask_url("postgresql://db:5432/t") == "postgresql://db:5432/t"
+    # Secrets in the query: libpq's password and sslpassword, a driver's token.
+    for url, secret in (
+        ("postgresql://me@db/t?password=s3cret", "s3cret"),
+        ("postgresql://me@db/t?sslmode=require&sslpassword=k3y&x=1", "k3y"),
+        ("postgresql+psycopg://me:pw@db/t?PASSWORD=a@b/c", "a@b"),
+        ("grpc://db:50051?token=t0ken#x", "t0ken"),
+    ):
+        masked = mask_url(url)
+        assert secret not in masked and "=***" in masked and "db" in masked, masked
+    assert mask_url("postgresql://db/t?sslmode=require") == "postgresql://db/t?sslmode=require"
 
 
 def test_read_only_sqlite_folder_is_one_line(tmp_path: Path) -> None:

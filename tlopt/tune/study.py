@@ -165,8 +165,8 @@ def create(
     if name in existing:
         study = optuna.load_study(study_name=name, storage=storage)
         old = study.user_attrs.get(ATTR + "config")
-        if old is not None and _masked(old) != snapshot(config):
-            diff = _diff(_masked(old), snapshot(config))
+        if old is not None and _stored(old) != snapshot(config):
+            diff = _diff(_stored(old), snapshot(config))
             raise StudyError(
                 f"study '{name}' exists with another config ({diff}): pass --name NEW to create "
                 f"a new study, or 'tlopt study delete {name}' first"
@@ -216,18 +216,20 @@ def _head_study(
 
 
 def snapshot(config: StudyConfig) -> dict[str, Any]:
-    """The config as the study stores it: JSON, with any password in the storage URL masked.
+    """The config as the study stores it: JSON, without the storage URL.
 
     Workers get the storage URL from their own command line or environment, never from the
-    snapshot, and study attributes are shown by ``optuna-dashboard`` to anyone who opens it.
+    snapshot, and study attributes are shown by ``optuna-dashboard`` to anyone who opens it:
+    a URL there could hold a secret that no masking rule knows of.
     """
-    return _masked(config.to_dict())
+    return _stored(config.to_dict())
 
 
-def _masked(raw: dict[str, Any]) -> dict[str, Any]:
+def _stored(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config as studies store it (studies made before stored a masked URL: the same)."""
     storage = raw.get("storage")
-    if isinstance(storage, dict) and isinstance(storage.get("url"), str):
-        return {**raw, "storage": {**storage, "url": mask_url(storage["url"])}}
+    if isinstance(storage, dict) and "url" in storage:
+        return {**raw, "storage": {**storage, "url": ""}}
     return raw
 
 
