@@ -1,8 +1,8 @@
 """``tlopt tune``: the whole staged search in one command, resumable.
 
-It writes ``RUN/study.toml`` and calls what ``study create``, ``worker``, ``export-best`` and
-``report`` call: each stage's study in order, the best stage exported to ``RUN/export``, every
-stage reported in ``RUN/report``. Run again, it reuses the studies of the same name and config,
+It writes ``RUN/study.toml`` and ``RUN/run.json`` (where the studies are) and calls what
+``study create``, ``worker``, ``export-best`` and ``report`` call: each stage's study in order,
+the best stage exported to ``RUN/export``, every stage reported in ``RUN/report``. Run again, it reuses the studies of the same name and config,
 runs no stage that holds its budget of finished trials and keeps an export of the same trial.
 """
 
@@ -21,12 +21,23 @@ from tlopt.config import StudyConfig, fine_tunes_from_head, load_config
 from tlopt.errors import ConfigError, TloptError
 from tlopt.names import ATTR, parse_stage
 from tlopt.report.trial_artifacts import write_trial_artifacts
-from tlopt.tune.storage import mask_url, open_storage, resolve_url, sqlite_path, study_names
+from tlopt.tune.storage import (
+    has_secret,
+    mask_url,
+    open_storage,
+    resolve_url,
+    sqlite_path,
+    study_names,
+)
 from tlopt.tune.study import FINISHED, best_trial, buildable_problems, create, load, snapshot
 
 DEFAULT_STAGES = "head,freeze1,freeze2"  # the reference projects' stages
 FOLDER_DEFAULTS = {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "image_size": 224}
 SUMMARY = "summary.json"
+# Where the run's studies are (their storage URL, masked), written before any stage runs: the
+# way back to them when the study file cannot say (its URL is blanked when it holds a secret).
+RUN_RECORD = "run.json"
+OWN_SQLITE = "RUN/studies.db"  # the record's name for the run's own SQLite file (it may move)
 HEADER = """\
 # The study file of a 'tlopt tune' run, written by it. Edit it, then resume or extend the run:
 #   tlopt tune --config {out}/study.toml --out {out}
@@ -35,7 +46,7 @@ HEADER = """\
 #   tlopt worker --study {name}/STAGE --storage URL
 # Every stage is the Optuna study {name}/STAGE in [storage] url. Fine-tuning stages start from
 # the best head and, unless a [stages.STAGE] table says otherwise, train at a tenth of the
-# [search] lr with one warm-up epoch and a rate scaled by 0.7 per block group.
+# [search] lr with one warm-up epoch and a rate scaled by 0.7 per block group.{where}
 """
 COMMENTS = {  # one per top-level key or table
     "seed": "seeds the split and training: every stage has the same validation split",
@@ -152,9 +163,14 @@ def write_study_file(config: StudyConfig, path: Path) -> None:
     """``path``: a commented study file that loads back to ``config`` (a password: url = "")."""
     raw = config.to_dict()
     url = raw["storage"]["url"]
-    if mask_url(url) != url:
+    where = ""
+    if has_secret(url):  # no secret in a file: the user sets TLOPT_STORAGE to resume
         raw["storage"]["url"] = ""
-    lines = [HEADER.format(out=path.parent, name=config.name).rstrip("\n")]
+        where = (
+            f"\n# The studies are in {mask_url(url)} (url is blank below: it holds a secret).\n"
+            "# Set TLOPT_STORAGE to that URL, with its secret, before you resume or join the run."
+        )
+    lines = [HEADER.format(out=path.parent, name=config.name, where=where).rstrip("\n")]
     _emit([], raw, lines)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     back = load_config(path).to_dict()
@@ -241,7 +257,10 @@ def _but_budget(config: Any) -> Any:
     """A stored config less its trial budget: a rerun may raise or lower --trials."""
     if not isinstance(config, dict):
         return config
-    return {k: v for k, v in config.items() if k != "n_trials"}
+    rest = {k: v for k, v in config.items() if k != "n_trials"}
+    if isinstance(rest.get("storage"), dict):  # older studies stored the URL, masked
+        rest["storage"] = {**rest["storage"], "url": ""}
+    return rest
 
 
 def _check_studies(config: StudyConfig, names: list[str], url: str) -> None:
@@ -257,6 +276,36 @@ def _check_studies(config: StudyConfig, names: list[str], url: str) -> None:
                 create(config, stage, url, dry_run=True)  # its error shows the difference
         elif fine_tunes_from_head(stage) and not head:
             raise ConfigError(f"stage '{stage}' starts from the best head: --stages head,{stage}")
+
+
+def check_run_storage(out: Path, url: str) -> None:
+    """Refuse to resume the run in ``out`` anywhere but in the storage its studies are in.
+
+    A study file whose URL held a secret is written with it blanked; resumed without
+    ``TLOPT_STORAGE`` or ``--storage``, it would fall back to ``RUN/studies.db`` and run every
+    stage again there (and overwrite the export). The run record says where they are.
+    """
+    try:
+        recorded = json.loads((out / RUN_RECORD).read_text())["storage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a new run (or one from before the record): nothing to compare with
+    if recorded == _run_storage(out, url):
+        return
+    if recorded == OWN_SQLITE:
+        raise ConfigError(
+            f"{out}'s studies are in {out / 'studies.db'}, not {mask_url(url)}: unset "
+            "TLOPT_STORAGE and drop --storage to resume it, or pass another --out for a new run"
+        )
+    raise ConfigError(
+        f"{out}'s studies are in {recorded}, not {mask_url(url)}: set TLOPT_STORAGE to that URL "
+        "(with its password) and rerun, or pass another --out for a new run"
+    )
+
+
+def _run_storage(out: Path, url: str) -> str:
+    """The storage as the run record keeps it: masked; the run's own SQLite file by name."""
+    inside = sqlite_path(url) == (out / "studies.db").expanduser().resolve()
+    return OWN_SQLITE if inside else mask_url(url)
 
 
 def tune(
@@ -280,9 +329,12 @@ def tune(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' is a file: pass a folder for the run")
     config, url = build_config(out, data, config_file, **flags)
+    check_run_storage(out, url)
     open_config_source(config)  # the data's one-line errors, before anything is written
     _check_studies(config, names, url)
     out.mkdir(parents=True, exist_ok=True)
+    record = {"storage": _run_storage(out, url)}
+    (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     write_study_file(config, out / "study.toml")
     say(f"study file {out / 'study.toml'}; studies in {mask_url(url)}")
     rows = [_stage(config, stage, url, place, say) for stage in names]
