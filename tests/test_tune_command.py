@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
+import torch
 from PIL import Image, ImageDraw
 from sqlalchemy.engine import make_url
 
@@ -352,3 +353,75 @@ def test_tune_with_two_worker_processes(tmp_path: Path) -> None:
     assert {slot for _, slot in workers} == {"0", "1"}, done.stderr[-3000:]
     assert (run / "export" / "manifest.json").is_file()
     assert not [t for t in trials(run)["shapes/head"] if t[1] not in ("COMPLETE", "PRUNED")]
+
+
+@pytest.mark.slow
+def test_a_better_head_found_by_a_rerun_is_where_new_fine_tuning_trials_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun with more head trials finds a better head: freeze1's new trials start from it,
+    each trial records its head, and export-best replays a trial from the head it used."""
+    from optuna.artifacts import download_artifact, upload_artifact
+    from safetensors.torch import load_file, save_file
+
+    from tlopt.export.bundle import export_best
+
+    data, run = shapes_folder(tmp_path / "shapes"), tmp_path / "run"
+    one = [*FLAGS[:-4], "--trials", "1", "--epochs", "2", "--stages", "head,freeze1"]
+    code, _, err = tune_in_process([str(data), "--out", str(run), *one], capsys, monkeypatch)
+    assert code == 0, err
+    url = f"sqlite:///{run / 'studies.db'}"
+    head = optuna.load_study(study_name="shapes/head", storage=url)
+    first = head.trials[0]
+
+    # The head trial a larger --trials could find, its value lower: a head that answers the
+    # first class whatever it sees (a start that cannot be mistaken for trial 0's).
+    store = head.user_attrs["tlopt.artifacts"]
+    weights = tmp_path / "head.safetensors"
+    artifacts = optuna.artifacts.FileSystemArtifactStore(store)
+    download_artifact(
+        artifact_store=artifacts,
+        file_path=str(weights),
+        artifact_id=first.user_attrs["tlopt.head_artifact"],
+    )
+    state = load_file(str(weights))
+    bias = torch.full_like(state["bias"], -10.0)
+    bias[0] = 10.0
+    save_file({"weight": torch.zeros_like(state["weight"]), "bias": bias}, str(weights))
+    artifact = upload_artifact(
+        artifact_store=artifacts, file_path=str(weights), study_or_trial=head
+    )
+    head.add_trial(
+        optuna.trial.create_trial(
+            params=first.params,
+            distributions=first.distributions,
+            value=first.value - 1e-3,
+            user_attrs={**first.user_attrs, "tlopt.head_artifact": artifact},
+        )
+    )
+
+    two = [*FLAGS[:-4], "--trials", "2", "--epochs", "2", "--stages", "head,freeze1"]
+    code, out, err = tune_in_process([str(data), "--out", str(run), *two], capsys, monkeypatch)
+    assert code == 0, err
+    assert "stage freeze1: the best head is now trial 1" in out and "not head trial 0" in out
+    freeze1 = optuna.load_study(study_name="shapes/freeze1", storage=url)
+    assert freeze1.user_attrs["tlopt.head"]["trial"] == 1
+    assert freeze1.user_attrs["tlopt.first_head"]["trial"] == 0
+    used = [t.user_attrs["tlopt.head"]["trial"] for t in freeze1.trials]
+    assert used == [0, 1]  # each trial records the head it started from
+    starts = [t.user_attrs["history"][0] for t in freeze1.trials]
+    assert starts[0]["epoch"] == starts[1]["epoch"] == 0
+    assert starts[1]["val_loss"] > 2 * starts[0]["val_loss"]  # the new head's start
+
+    # export-best retrains freeze1's best trial from its own head (epoch 0 is that head).
+    best = min(freeze1.trials, key=lambda t: t.value)
+    export_best("shapes/freeze1", tmp_path / "export", url)
+    replayed = json.loads((tmp_path / "export" / "history.json").read_text())
+    assert replayed[0]["epoch"] == 0
+    assert replayed[0]["val_loss"] == pytest.approx(
+        best.user_attrs["history"][0]["val_loss"], rel=1e-3
+    )
+    # And the stage's row names the head its best trial started from.
+    summary = json.loads((run / "summary.json").read_text())
+    row = next(s for s in summary["stages"] if s["stage"] == "freeze1")
+    assert row["head_trial"] == best.user_attrs["tlopt.head"]["trial"]

@@ -2,8 +2,9 @@
 
 It writes ``RUN/study.toml`` and ``RUN/run.json`` (where the studies are) and calls what
 ``study create``, ``worker``, ``export-best`` and ``report`` call: each stage's study in order,
-the best stage exported to ``RUN/export``, every stage reported in ``RUN/report``. Run again, it reuses the studies of the same name and config,
-runs no stage that holds its budget of finished trials and keeps an export of the same trial.
+the best stage exported to ``RUN/export``, every stage reported in ``RUN/report``. Run again,
+it reuses the studies of the same name and config, runs no stage that holds its budget of
+finished trials and keeps an export of the same trial.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlopt.config import StudyConfig, fine_tunes_from_head, load_config
 from tlopt.errors import ConfigError, TloptError
-from tlopt.names import ATTR, parse_stage
+from tlopt.names import ATTR, FIRST_HEAD, HEAD, parse_stage
 from tlopt.report.trial_artifacts import write_trial_artifacts
 from tlopt.tune.storage import (
     has_secret,
@@ -29,7 +30,18 @@ from tlopt.tune.storage import (
     sqlite_path,
     study_names,
 )
-from tlopt.tune.study import FINISHED, best_trial, buildable_problems, create, load, snapshot
+from tlopt.tune.study import (
+    FINISHED,
+    best_head,
+    best_trial,
+    buildable_problems,
+    create,
+    load,
+    snapshot,
+)
+
+if TYPE_CHECKING:
+    import optuna
 
 DEFAULT_STAGES = "head,freeze1,freeze2"  # the reference projects' stages
 FOLDER_DEFAULTS = {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "image_size": 224}
@@ -211,6 +223,8 @@ def _stage(config: StudyConfig, stage: str, url: str, p: Placement, say: Any) ->
         study.set_user_attr(ATTR + "config", snapshot(config))
         say(f"stage {stage}: budget {stored.get('n_trials')} -> {budget} finished trials")
     before = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if fine_tunes_from_head(stage):
+        _follow_best_head(study, f"{config.name}/head", url, before < budget, say)
     if before >= budget:
         say(f"stage {stage}: '{name}' holds {before} of {budget} finished trials: nothing to run")
     else:
@@ -237,9 +251,46 @@ def _stage(config: StudyConfig, stage: str, url: str, p: Placement, say: Any) ->
     accuracy = best.user_attrs.get("val_accuracy")
     acc = "-" if accuracy is None else f"{accuracy:.4f}"
     say(f"stage {stage}: best val_loss {best.value:.4f}, val accuracy {acc} (trial {best.number})")
+    head = (best.user_attrs.get(HEAD) or study.user_attrs.get(FIRST_HEAD) or {}).get("trial")
     keys = ("stage", "study", "finished", "ran", "best_trial", "best_value", "best_accuracy")
     values = (stage, name, after, after - before, best.number, best.value, accuracy)
+    if fine_tunes_from_head(stage):  # the head trial its best trial started from
+        keys, values = (*keys, "head_trial"), (*values, head)
     return dict(zip(keys, values, strict=True))
+
+
+def _follow_best_head(
+    study: optuna.Study, head_name: str, url: str, will_run: bool, say: Callable[[str], Any]
+) -> None:
+    """A fine-tuning stage's new trials start from the best head, also when a rerun with more
+    head trials found a better one than the stage started from.
+
+    Each trial records the head it started from (its ``tlopt.head``; export-best replays it
+    from that one), so a stage may hold trials of two heads, each compared as what it is.
+    A head trained at another cut cannot follow (the study's trials search one cut): refused.
+    """
+    old = study.user_attrs.get(HEAD) or {}
+    new = best_head(load(head_name, url))
+    if (old.get("trial"), old.get("artifact_id")) == (new["trial"], new["artifact_id"]):
+        return
+    was = f"head trial {old.get('trial')} (val_loss {old.get('value', float('nan')):.4f})"
+    now = f"trial {new['trial']} (val_loss {new['value']:.4f})"
+    stage = study.user_attrs.get(ATTR + "stage")
+    if not will_run:
+        say(f"stage {stage}: fine-tuned {was}; the best head is now {now}: raise --trials to "
+            "fine-tune it")  # fmt: skip
+        return
+    cut = (old.get("params", {}).get("cut"), new["params"].get("cut"))
+    if cut[0] != cut[1]:
+        raise ConfigError(
+            f"stage {stage}: the best head is now {now} at cut {cut[1]}, but "
+            f"'{study.study_name}' fine-tunes heads at cut {cut[0]}: delete it ('tlopt study "
+            f"delete {study.study_name}') and rerun to fine-tune the new head"
+        )
+    if FIRST_HEAD not in study.user_attrs:
+        study.set_user_attr(FIRST_HEAD, old)
+    study.set_user_attr(HEAD, new)
+    say(f"stage {stage}: the best head is now {now}, not {was}: new trials start from it")
 
 
 def _export_is(folder: Path, study: str, trial: int) -> bool:  # a complete export of the trial?

@@ -65,6 +65,22 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return min(done, key=lambda t: t.value if t.value is not None else float("inf"))
 
 
+def best_head(head_study: optuna.Study) -> dict[str, Any]:
+    """The best head of a head study, as a fine-tuning study (and each of its trials) records
+    the head it starts from: study, trial, value, accuracy, weights (artifact), params."""
+    best = best_trial(head_study)
+    if ATTR + "head_artifact" not in best.user_attrs:
+        raise StudyError(f"the best trial of '{head_study.study_name}' has no saved head weights")
+    return {
+        "study": head_study.study_name,
+        "trial": best.number,
+        "value": best.value,
+        "val_accuracy": best.user_attrs.get("val_accuracy"),
+        "artifact_id": best.user_attrs[ATTR + "head_artifact"],
+        "params": best.params,
+    }
+
+
 def load(name: str, storage_url: str | None = None) -> optuna.Study:
     """Load a tlopt study by name; StudyError lists the existing ones when it is missing."""
     url = resolve_url(storage_url)
@@ -135,21 +151,7 @@ def create(
     model = create_backbone(config.model.backbone, "none", len(classes))
     freeze = config.model.freeze_modules if stage.name != "head" else None
     plan = apply_stage(model, stage, freeze_modules=freeze)
-    head: dict[str, Any] | None = None
-    if head_study is not None:
-        best = best_trial(head_study)
-        if ATTR + "head_artifact" not in best.user_attrs:
-            raise StudyError(
-                f"the best trial of '{head_study.study_name}' has no saved head weights"
-            )
-        head = {
-            "study": head_study.study_name,
-            "trial": best.number,
-            "value": best.value,
-            "val_accuracy": best.user_attrs.get("val_accuracy"),
-            "artifact_id": best.user_attrs[ATTR + "head_artifact"],
-            "params": best.params,
-        }
+    head = best_head(head_study) if head_study is not None else None
     result = CreatePlan(
         name,
         mask_url(url),
