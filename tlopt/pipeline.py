@@ -251,12 +251,16 @@ def _stage(config: StudyConfig, stage: str, url: str, p: Placement, say: Any) ->
     accuracy = best.user_attrs.get("val_accuracy")
     acc = "-" if accuracy is None else f"{accuracy:.4f}"
     say(f"stage {stage}: best val_loss {best.value:.4f}, val accuracy {acc} (trial {best.number})")
-    head = (best.user_attrs.get(HEAD) or study.user_attrs.get(FIRST_HEAD) or {}).get("trial")
+    attrs = study.user_attrs  # a trial that recorded no head: the study's first
+    head = (best.user_attrs.get(HEAD) or attrs.get(FIRST_HEAD) or attrs.get(HEAD) or {}).get(
+        "trial"
+    )
     keys = ("stage", "study", "finished", "ran", "best_trial", "best_value", "best_accuracy")
     values = (stage, name, after, after - before, best.number, best.value, accuracy)
+    row = dict(zip(keys, values, strict=True))
     if fine_tunes_from_head(stage):  # the head trial its best trial started from
-        keys, values = (*keys, "head_trial"), (*values, head)
-    return dict(zip(keys, values, strict=True))
+        row["head_trial"] = head
+    return row
 
 
 def _follow_best_head(
