@@ -179,8 +179,8 @@ def write_study_file(config: StudyConfig, path: Path) -> None:
     if has_secret(url):  # no secret in a file: the user sets TLOPT_STORAGE to resume
         raw["storage"]["url"] = ""
         where = (
-            f"\n# The studies are in {mask_url(url)} (url is blank below: it holds a secret).\n"
-            "# Set TLOPT_STORAGE to that URL, with its secret, before you resume or join the run."
+            f"\n# The studies are in {mask_url(url)} (url is blank below: it holds a password).\n"
+            "# Set TLOPT_STORAGE to that URL, with its password, before you resume or join the run."
         )
     lines = [HEADER.format(out=path.parent, name=config.name, where=where).rstrip("\n")]
     _emit([], raw, lines)
