@@ -176,6 +176,43 @@ def test_resumed_fit_equals_an_uninterrupted_one(
         torch.testing.assert_close(resumed.best_state[key], value, rtol=0, atol=0)
 
 
+def test_a_checkpoint_from_another_device_type_resumes_reseeded(
+    digits: tuple[ImageSet, ImageSet],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A generator state of a CUDA generator's size (16 bytes) resumes on the CPU: the epochs
+    are kept, the rest reseeded from the seed and the epoch, and one log line says so."""
+    params = TrainParams(batch_size=16, epochs=3, lr=3e-3)
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        m = create_backbone("test_efficientnet", "none", num_classes=10, drop_rate=0.3)
+        apply_stage(m, parse_stage("freeze1"))
+        return m
+
+    saved: dict[str, object] = {}
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_one(record: object, checkpoint: object) -> None:
+        if record.epoch == 1:  # type: ignore[attr-defined]
+            saved.update(checkpoint())  # type: ignore[operator]
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(model(), digits[0], digits[1], params, seed=5, on_epoch=stop_after_one)
+    saved["generator"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state
+    saved.pop("cuda_rng", None)
+    with caplog.at_level("INFO", logger="tlopt.worker"):
+        resumed = fit(model(), digits[0], digits[1], params, seed=5, resume=saved)
+    assert [r.epoch for r in resumed.history] == [1, 2, 3]
+    assert resumed.history[0].as_dict() == saved["history"][0]  # type: ignore[index]
+    assert all(np.isfinite(r.val_loss) for r in resumed.history)
+    lines = [r.getMessage() for r in caplog.records if "another device type" in r.getMessage()]
+    assert len(lines) == 1 and "reseeded from seed 5 and epoch 2" in lines[0], lines
+
+
 def test_fine_tuning_stages_default_to_fine_tuning_rates(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text(

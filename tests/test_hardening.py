@@ -20,6 +20,7 @@ import pickle
 import secrets
 import subprocess
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -316,7 +317,7 @@ def test_password_in_the_study_file_is_never_stored_or_printed(
     assert created.returncode == 0 and ":***@" in created.stdout, created.stderr
     study = optuna.load_study(study_name="tiny/head", storage=pg_storage_url)
     assert password not in json.dumps(study.user_attrs)
-    assert ":***@" in study.user_attrs["tlopt.config"]["storage"]["url"]
+    assert study.user_attrs["tlopt.config"]["storage"]["url"] == ""  # no URL in the study
     # The stored (masked) URL does not count as a change of config.
     again = cli("study", "create", "--config", str(config), "--stage", "head", secret=password)
     one_line_error(again, "already exists")
@@ -337,6 +338,16 @@ def test_mask_url_hides_every_password_shape() -> None:
         assert secret not in mask_url(url) and ":***@db" in mask_url(url)
     assert mask_url("sqlite:////a/b.db") == "sqlite:////a/b.db"
     assert mask_url("postgresql://db:5432/t") == "postgresql://db:5432/t"
+    # Secrets in the query: libpq's password and sslpassword, a driver's token.
+    for url, secret in (
+        ("postgresql://me@db/t?password=s3cret", "s3cret"),
+        ("postgresql://me@db/t?sslmode=require&sslpassword=k3y&x=1", "k3y"),
+        ("postgresql+psycopg://me:pw@db/t?PASSWORD=a@b/c", "a@b"),
+        ("grpc://db:50051?token=t0ken#x", "t0ken"),
+    ):
+        masked = mask_url(url)
+        assert secret not in masked and "=***" in masked and "db" in masked, masked
+    assert mask_url("postgresql://db/t?sslmode=require") == "postgresql://db/t?sslmode=require"
 
 
 def test_read_only_sqlite_folder_is_one_line(tmp_path: Path) -> None:
@@ -481,6 +492,37 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(
     assert (summary.failed, summary.complete) == (1, 2)
     assert failed.state == TrialState.FAIL
     assert "CUDA out of memory" in failed.user_attrs["tlopt.error"]
+
+
+def test_out_of_memory_frees_the_failed_step_before_emptying_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The traceback of an OOM holds fit's frames and their tensors: while it lives,
+    ``empty_cache`` frees nothing and --per-gpu siblings keep running out. The worker drops
+    it first, so a tensor the failed step held is gone when the cache is emptied."""
+    from tlopt.train import trainer
+    from tlopt.tune import worker
+
+    storage = f"sqlite:///{tmp_path}/s.db"
+    studies.create(load_config(study_file(tmp_path)), "scratch", storage)  # trained by fit
+    held: list[weakref.ref[torch.Tensor]] = []
+    freed_when_emptied: list[bool] = []
+    real_check = trainer.check_stop
+
+    def step_runs_out(should_stop: Callable[[], bool] | None, epoch: int) -> None:
+        if not held:  # the first step of the first trial
+            activations = torch.ones(2**22)  # 16 MB the step holds when it runs out
+            held.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real_check(should_stop, epoch)
+
+    monkeypatch.setattr(trainer, "check_stop", step_runs_out)
+    monkeypatch.setattr(
+        torch.cuda, "empty_cache", lambda: freed_when_emptied.append(held[0]() is None)
+    )
+    summary = worker.work("tiny/scratch", storage, device="cpu")
+    assert (summary.failed, summary.complete) == (1, 2)
+    assert freed_when_emptied == [True]
 
 
 @pytest.mark.gpu

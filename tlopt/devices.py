@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import traceback
 
 import torch
 
@@ -54,3 +56,26 @@ def pick_device(device: str | None = None) -> torch.device:
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def free_after(exc: BaseException) -> None:
+    """Give back the device memory a failed step held (after a CUDA out-of-memory error).
+
+    The exception's traceback holds the frames of the step that failed, and they hold its
+    tensors: while it lives, ``empty_cache`` frees nothing, and the next trial (or a sibling
+    process on the same GPU) runs out too. So the frames are cleared and the tracebacks of
+    ``exc`` and of the exceptions chained to it dropped, then garbage is collected (frames
+    sit in reference cycles) before the cache is emptied.
+    """
+    chain, seen = [exc], set()
+    while chain:
+        current = chain.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.__traceback__ is not None:
+            traceback.clear_frames(current.__traceback__)  # skips frames still running
+            current.__traceback__ = None
+        chain += [e for e in (current.__cause__, current.__context__) if e is not None]
+    gc.collect()
+    torch.cuda.empty_cache()

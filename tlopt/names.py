@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from tlopt.errors import ConfigError
 
 ATTR = "tlopt."  # prefix of every study and trial attribute tlopt writes
+# A fine-tuning study's head its new trials start from, and each trial's the one it started
+# from: the study moves on when a rerun finds a better head, and export-best replays a trial
+# from its own. FIRST_HEAD: the study's first, for trials from before heads were recorded.
+HEAD = ATTR + "head"
+FIRST_HEAD = ATTR + "first_head"
 DATA_SOURCES = ("folder", "digits", "cifar10")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "threshold", "patient", "nop")

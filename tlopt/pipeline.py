@@ -1,9 +1,10 @@
 """``tlopt tune``: the whole staged search in one command, resumable.
 
-It writes ``RUN/study.toml`` and calls what ``study create``, ``worker``, ``export-best`` and
-``report`` call: each stage's study in order, the best stage exported to ``RUN/export``, every
-stage reported in ``RUN/report``. Run again, it reuses the studies of the same name and config,
-runs no stage that holds its budget of finished trials and keeps an export of the same trial.
+It writes ``RUN/study.toml`` and ``RUN/run.json`` (where the studies are) and calls what
+``study create``, ``worker``, ``export-best`` and ``report`` call: each stage's study in order,
+the best stage exported to ``RUN/export``, every stage reported in ``RUN/report``. Run again,
+it reuses the studies of the same name and config, runs no stage that holds its budget of
+finished trials and keeps an export of the same trial.
 """
 
 from __future__ import annotations
@@ -15,18 +16,40 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlopt.config import StudyConfig, fine_tunes_from_head, load_config
 from tlopt.errors import ConfigError, TloptError
-from tlopt.names import ATTR, parse_stage
+from tlopt.names import ATTR, FIRST_HEAD, HEAD, parse_stage
 from tlopt.report.trial_artifacts import write_trial_artifacts
-from tlopt.tune.storage import mask_url, open_storage, resolve_url, sqlite_path, study_names
-from tlopt.tune.study import FINISHED, best_trial, buildable_problems, create, load, snapshot
+from tlopt.tune.storage import (
+    has_secret,
+    mask_url,
+    open_storage,
+    resolve_url,
+    sqlite_path,
+    study_names,
+)
+from tlopt.tune.study import (
+    FINISHED,
+    best_head,
+    best_trial,
+    buildable_problems,
+    create,
+    load,
+    snapshot,
+)
+
+if TYPE_CHECKING:
+    import optuna
 
 DEFAULT_STAGES = "head,freeze1,freeze2"  # the reference projects' stages
 FOLDER_DEFAULTS = {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "image_size": 224}
 SUMMARY = "summary.json"
+# Where the run's studies are (their storage URL, masked), written before any stage runs: the
+# way back to them when the study file cannot say (its URL is blanked when it holds a secret).
+RUN_RECORD = "run.json"
+OWN_SQLITE = "RUN/studies.db"  # the record's name for the run's own SQLite file (it may move)
 HEADER = """\
 # The study file of a 'tlopt tune' run, written by it. Edit it, then resume or extend the run:
 #   tlopt tune --config {out}/study.toml --out {out}
@@ -35,7 +58,7 @@ HEADER = """\
 #   tlopt worker --study {name}/STAGE --storage URL
 # Every stage is the Optuna study {name}/STAGE in [storage] url. Fine-tuning stages start from
 # the best head and, unless a [stages.STAGE] table says otherwise, train at a tenth of the
-# [search] lr with one warm-up epoch and a rate scaled by 0.7 per block group.
+# [search] lr with one warm-up epoch and a rate scaled by 0.7 per block group.{where}
 """
 COMMENTS = {  # one per top-level key or table
     "seed": "seeds the split and training: every stage has the same validation split",
@@ -152,9 +175,14 @@ def write_study_file(config: StudyConfig, path: Path) -> None:
     """``path``: a commented study file that loads back to ``config`` (a password: url = "")."""
     raw = config.to_dict()
     url = raw["storage"]["url"]
-    if mask_url(url) != url:
+    where = ""
+    if has_secret(url):  # no secret in a file: the user sets TLOPT_STORAGE to resume
         raw["storage"]["url"] = ""
-    lines = [HEADER.format(out=path.parent, name=config.name).rstrip("\n")]
+        where = (
+            f"\n# The studies are in {mask_url(url)} (url is blank below: it holds a password).\n"
+            "# Set TLOPT_STORAGE to that URL, with its password, before you resume or join the run."
+        )
+    lines = [HEADER.format(out=path.parent, name=config.name, where=where).rstrip("\n")]
     _emit([], raw, lines)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     back = load_config(path).to_dict()
@@ -197,6 +225,8 @@ def _stage(config: StudyConfig, stage: str, url: str, p: Placement, say: Any) ->
         say(f"stage {stage}: budget {stored.get('n_trials')} -> {budget} finished trials")
     budget = stage_budget(budget, config.space_for(stage))  # a used-up space stops the stage
     before = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if fine_tunes_from_head(stage):
+        _follow_best_head(study, f"{config.name}/head", url, before < budget, say)
     if before >= budget:
         say(f"stage {stage}: '{name}' holds {before} of {budget} finished trials: nothing to run")
     else:
@@ -223,9 +253,50 @@ def _stage(config: StudyConfig, stage: str, url: str, p: Placement, say: Any) ->
     accuracy = best.user_attrs.get("val_accuracy")
     acc = "-" if accuracy is None else f"{accuracy:.4f}"
     say(f"stage {stage}: best val_loss {best.value:.4f}, val accuracy {acc} (trial {best.number})")
+    attrs = study.user_attrs  # a trial that recorded no head: the study's first
+    head = (best.user_attrs.get(HEAD) or attrs.get(FIRST_HEAD) or attrs.get(HEAD) or {}).get(
+        "trial"
+    )
     keys = ("stage", "study", "finished", "ran", "best_trial", "best_value", "best_accuracy")
     values = (stage, name, after, after - before, best.number, best.value, accuracy)
-    return dict(zip(keys, values, strict=True))
+    row = dict(zip(keys, values, strict=True))
+    if fine_tunes_from_head(stage):  # the head trial its best trial started from
+        row["head_trial"] = head
+    return row
+
+
+def _follow_best_head(
+    study: optuna.Study, head_name: str, url: str, will_run: bool, say: Callable[[str], Any]
+) -> None:
+    """A fine-tuning stage's new trials start from the best head, also when a rerun with more
+    head trials found a better one than the stage started from.
+
+    Each trial records the head it started from (its ``tlopt.head``; export-best replays it
+    from that one), so a stage may hold trials of two heads, each compared as what it is.
+    A head trained at another cut cannot follow (the study's trials search one cut): refused.
+    """
+    old = study.user_attrs.get(HEAD) or {}
+    new = best_head(load(head_name, url))
+    if (old.get("trial"), old.get("artifact_id")) == (new["trial"], new["artifact_id"]):
+        return
+    was = f"head trial {old.get('trial')} (val_loss {old.get('value', float('nan')):.4f})"
+    now = f"trial {new['trial']} (val_loss {new['value']:.4f})"
+    stage = study.user_attrs.get(ATTR + "stage")
+    if not will_run:
+        say(f"stage {stage}: fine-tuned {was}; the best head is now {now}: raise --trials to "
+            "fine-tune it")  # fmt: skip
+        return
+    cut = (old.get("params", {}).get("cut"), new["params"].get("cut"))
+    if cut[0] != cut[1]:
+        raise ConfigError(
+            f"stage {stage}: the best head is now {now} at cut {cut[1]}, but "
+            f"'{study.study_name}' fine-tunes heads at cut {cut[0]}: delete it ('tlopt study "
+            f"delete {study.study_name}') and rerun to fine-tune the new head"
+        )
+    if FIRST_HEAD not in study.user_attrs:
+        study.set_user_attr(FIRST_HEAD, old)
+    study.set_user_attr(HEAD, new)
+    say(f"stage {stage}: the best head is now {now}, not {was}: new trials start from it")
 
 
 def _export_is(folder: Path, study: str, trial: int) -> bool:  # a complete export of the trial?
@@ -243,7 +314,10 @@ def _but_budget(config: Any) -> Any:
     """A stored config less its trial budget: a rerun may raise or lower --trials."""
     if not isinstance(config, dict):
         return config
-    return {k: v for k, v in config.items() if k != "n_trials"}
+    rest = {k: v for k, v in config.items() if k != "n_trials"}
+    if isinstance(rest.get("storage"), dict):  # older studies stored the URL, masked
+        rest["storage"] = {**rest["storage"], "url": ""}
+    return rest
 
 
 def _check_studies(config: StudyConfig, names: list[str], url: str) -> None:
@@ -259,6 +333,36 @@ def _check_studies(config: StudyConfig, names: list[str], url: str) -> None:
                 create(config, stage, url, dry_run=True)  # its error shows the difference
         elif fine_tunes_from_head(stage) and not head:
             raise ConfigError(f"stage '{stage}' starts from the best head: --stages head,{stage}")
+
+
+def check_run_storage(out: Path, url: str) -> None:
+    """Refuse to resume the run in ``out`` anywhere but in the storage its studies are in.
+
+    A study file whose URL held a secret is written with it blanked; resumed without
+    ``TLOPT_STORAGE`` or ``--storage``, it would fall back to ``RUN/studies.db`` and run every
+    stage again there (and overwrite the export). The run record says where they are.
+    """
+    try:
+        recorded = json.loads((out / RUN_RECORD).read_text())["storage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a new run (or one from before the record): nothing to compare with
+    if recorded == _run_storage(out, url):
+        return
+    if recorded == OWN_SQLITE:
+        raise ConfigError(
+            f"{out}'s studies are in {out / 'studies.db'}, not {mask_url(url)}: unset "
+            "TLOPT_STORAGE and drop --storage to resume it, or pass another --out for a new run"
+        )
+    raise ConfigError(
+        f"{out}'s studies are in {recorded}, not {mask_url(url)}: set TLOPT_STORAGE to that URL "
+        "(with its password) and rerun, or pass another --out for a new run"
+    )
+
+
+def _run_storage(out: Path, url: str) -> str:
+    """The storage as the run record keeps it: masked; the run's own SQLite file by name."""
+    inside = sqlite_path(url) == (out / "studies.db").expanduser().resolve()
+    return OWN_SQLITE if inside else mask_url(url)
 
 
 def tune(
@@ -282,9 +386,12 @@ def tune(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' is a file: pass a folder for the run")
     config, url = build_config(out, data, config_file, **flags)
+    check_run_storage(out, url)
     open_config_source(config)  # the data's one-line errors, before anything is written
     _check_studies(config, names, url)
     out.mkdir(parents=True, exist_ok=True)
+    record = {"storage": _run_storage(out, url)}
+    (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     write_study_file(config, out / "study.toml")
     say(f"study file {out / 'study.toml'}; studies in {mask_url(url)}")
     rows = [_stage(config, stage, url, place, say) for stage in names]

@@ -38,6 +38,7 @@ from tlopt.errors import TloptError
 from tlopt.export.descriptors import predict
 from tlopt.models.backbones import create_backbone, data_config
 from tlopt.models.cut import CutModel
+from tlopt.names import FIRST_HEAD, HEAD
 from tlopt.plots import confusion_plot, history_plots
 from tlopt.progress import bar
 from tlopt.train.data import ImageSet
@@ -87,7 +88,9 @@ def export_best(
     study = load(study_name, storage_url)
     best = best_trial(study)
     _prepare_out(out, force)
-    ctx = StudyContext.open(study, device, progress=True)
+    # From the head the trial started from (trials before heads were recorded: the study's first).
+    head = best.user_attrs.get(HEAD) or study.user_attrs.get(FIRST_HEAD)
+    ctx = StudyContext.open(study, device, progress=True, head=head)
     replay = optuna.trial.FixedTrial(best.params, best.number)
     setup = suggest(replay, ctx.space, ctx.stage.name)
 

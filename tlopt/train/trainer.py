@@ -160,7 +160,7 @@ def fit(
         model.load_state_dict(resume["model"], strict=False)
         optimizer.load_state_dict(resume["optimizer"])
         ledger = Ledger(params, [EpochRecord(**r) for r in resume["history"]], resume["best"])
-        _set_rng_states(resume, generator, device)
+        _set_rng_states(resume, generator, device, seed, ledger.next_epoch + 1)
     elif record_start:
         began = time.perf_counter()
         record = ledger.record_start(
@@ -240,10 +240,41 @@ def _rng_states(generator: torch.Generator, device: torch.device) -> dict[str, t
 
 
 def _set_rng_states(
-    checkpoint: dict[str, Any], generator: torch.Generator, device: torch.device
+    checkpoint: dict[str, Any],
+    generator: torch.Generator,
+    device: torch.device,
+    seed: int,
+    epoch: int,
 ) -> None:
-    """Restore :func:`_rng_states`; the states may have been loaded onto any device."""
+    """Restore :func:`_rng_states`; the states may have been loaded onto any device.
+
+    A generator's state is the device type's own (a CPU one is 5,056 bytes, a CUDA one 16):
+    a trial checkpointed on a GPU worker and retried on a CPU one (or back) cannot take it.
+    It then keeps its epochs and draws the rest from ``seed`` and ``epoch`` (the one it
+    resumes at, 1-based): the run differs from an uninterrupted one only in which images are
+    shuffled, flipped and dropped.
+    """
     torch.set_rng_state(checkpoint["rng"].cpu())
-    generator.set_state(checkpoint["generator"].cpu())
-    if device.type == "cuda" and "cuda_rng" in checkpoint:
-        torch.cuda.set_rng_state(checkpoint["cuda_rng"].cpu(), device)
+    state = checkpoint["generator"].cpu()
+    device_state = checkpoint.get("cuda_rng") if device.type == "cuda" else None
+    expected = generator.get_state().numel()
+    if state.numel() == expected and (device.type != "cuda" or device_state is not None):
+        generator.set_state(state)
+        if device_state is not None:
+            torch.cuda.set_rng_state(device_state.cpu(), device)
+        return
+    reseed = (seed + (epoch << 32)) % 2**64  # one stream per (seed, epoch)
+    generator.manual_seed(reseed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(reseed)
+    log.info(
+        "resuming at epoch %d on %s from a checkpoint of another device type (generator state "
+        "%d bytes, %s takes %d): shuffling, flips and dropout reseeded from seed %d and epoch %d",
+        epoch,
+        device.type,
+        state.numel(),
+        device.type,
+        expected,
+        seed,
+        epoch,
+    )

@@ -26,7 +26,7 @@ from tlopt.devices import pick_device
 from tlopt.errors import StudyError
 from tlopt.models.backbones import classifier_name, create_backbone, normalization
 from tlopt.models.stages import Stage, apply_stage, parse_stage
-from tlopt.names import ATTR
+from tlopt.names import ATTR, HEAD
 from tlopt.train.data import ImageSet
 from tlopt.train.feature_cache import FeatureCache
 from tlopt.train.ledger import EpochRecord, TrainParams
@@ -82,6 +82,7 @@ class StudyContext:
     images: np.ndarray  # decoded, [N, H, W, 3] uint8 (memory-mapped from the cache)
     labels: np.ndarray
     index: dict[str, np.ndarray]
+    head: dict[str, Any] | None  # the head the trials start from (study.best_head's record)
     head_state: dict[str, torch.Tensor] | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -102,8 +103,13 @@ class StudyContext:
         should_stop: Callable[[], bool] | None = None,
         compile: bool = False,
         on_trial_done: TrialDone | None = None,
+        head: dict[str, Any] | None = None,
     ) -> StudyContext:
-        """Everything from the study itself: its config, classes, split, data and head."""
+        """Everything from the study itself: its config, classes, split, data and head.
+
+        ``head``: the head to start from instead of the study's (the one a trial recorded,
+        for export-best to replay it: the study may have moved on to a better head since).
+        """
         attrs = study.user_attrs
         if ATTR + "config" not in attrs:
             raise StudyError(
@@ -125,8 +131,8 @@ class StudyContext:
                 "with --name"
             )
         head_state = None
-        head = attrs.get(ATTR + "head")
-        if stage.from_head and head:
+        head = (head or attrs.get(HEAD)) if stage.from_head else None
+        if head:
             head_state = _download_state(artifacts, head["artifact_id"])
             if "cut" in head.get("params", {}):  # the head fits only the cut it was trained at
                 space = replace(space, cut=(int(head["params"]["cut"]),))
@@ -143,6 +149,7 @@ class StudyContext:
             images=decode_source(source, config.data.image_size, cache_dir(), progress=progress),
             labels=labels(source),
             index=split_indices(source),
+            head=head,
             head_state=head_state,
             mean=mean,
             std=std,

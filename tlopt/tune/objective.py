@@ -17,7 +17,7 @@ from optuna.artifacts import upload_artifact
 from safetensors.torch import save_file
 
 from tlopt.models.backbones import classifier_name
-from tlopt.names import ATTR
+from tlopt.names import ATTR, HEAD
 from tlopt.train.ledger import EpochRecord, FitResult, NonFiniteLoss, TrainParams
 from tlopt.tune.checkpoints import drop_checkpoint, load_checkpoint, save_checkpoint
 from tlopt.tune.context import StudyContext
@@ -40,6 +40,8 @@ def objective(trial: optuna.Trial, ctx: StudyContext) -> float:
     history = [EpochRecord(**r) for r in resume["history"]] if resume else []
     if history:
         log.info("trial %d resumes after epoch %d", trial.number, history[-1].epoch)
+    elif ctx.head is not None:  # a resumed trial keeps the head its checkpoint grew from
+        retrying("recording the head", lambda: trial.set_user_attr(HEAD, ctx.head))
     setup = suggest(trial, ctx.space, ctx.stage.name)
     epochs = setup.params.epochs
 

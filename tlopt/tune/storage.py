@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeVar
+from urllib.parse import unquote
 
 import optuna
 import sqlalchemy
@@ -37,31 +38,66 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 # user:password@ after the scheme. The password runs to the *last* '@': users paste passwords
 # with '@' or '/' in them unencoded, and masking too much is harmless where too little is not.
 _PASSWORD = re.compile(r"(?<=://)([^:/@]*):(.*)@")
+# A query parameter that holds a secret: libpq's password and sslpassword, MySQL's passwd, and
+# any token or secret a driver takes. Its value runs to the next '&', ';' or '#'.
+_SECRET_KEY = re.compile(r"pass(word|wd)|pwd|secret|token", re.IGNORECASE)
+_PARAM = re.compile(r"([?&;]([^=&;#?]*)=)([^&;#]*)")
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for every output and log).
+    """The URL with every secret in it replaced by ``***`` (for every output, log and file).
+
+    Secrets are the password of ``user:password@`` and the value of each query parameter
+    named like one (``?password=``, ``sslpassword=``, ``token=``, ...).
 
     Example:
         >>> mask_url("postgresql://me:p@ss/word@db.example:5432/tlopt")
         'postgresql://me:***@db.example:5432/tlopt'
+        >>> mask_url("postgresql://me@db/tlopt?sslmode=require&sslpassword=k3y")
+        'postgresql://me@db/tlopt?sslmode=require&sslpassword=***'
     """
-    return _PASSWORD.sub(r"\1:***@", url)
+
+    def hide(param: re.Match[str]) -> str:
+        return param.group(1) + "***" if _SECRET_KEY.search(param.group(2)) else param.group(0)
+
+    # The query first: its masked values hold no '@' for the password's match to run to.
+    return _PASSWORD.sub(r"\1:***@", _PARAM.sub(hide, url))
+
+
+def has_secret(url: str) -> bool:
+    """Whether ``url`` holds a secret that :func:`mask_url` hides."""
+    return mask_url(url) != url
+
+
+def _secrets(url: str) -> set[str]:
+    """Every secret in ``url``, as written and as the driver reads it (percent-decoded)."""
+    found = set()
+    userinfo = _PASSWORD.search(_PARAM.sub(lambda m: m.group(1), url))
+    if userinfo and userinfo.group(2):
+        found.add(userinfo.group(2))
+    found |= {m.group(3) for m in _PARAM.finditer(url) if _SECRET_KEY.search(m.group(2))}
+    with contextlib.suppress(Exception):  # SQLAlchemy's reading of the URL, where it has one
+        parsed = sqlalchemy.engine.make_url(url)
+        found.add(str(parsed.password or ""))
+        for key, value in parsed.query.items():
+            if _SECRET_KEY.search(key):
+                found |= {value} if isinstance(value, str) else set(value)
+    found |= {unquote(s) for s in found}
+    return {s for s in found if s}
 
 
 def _scrub(text: str, url: str) -> str:
-    """``text`` (a driver's message about ``url``) without any piece of the URL's password.
+    """``text`` (a driver's message about ``url``) without any piece of the URL's secrets.
 
     An unencoded '@' or '/' in a password makes the driver read part of it as the host
     ("failed to resolve host 'ret@db'"), so the pieces are hidden too, not only the whole.
     """
-    found = _PASSWORD.search(url)
     text = mask_url(text)
-    if found and found.group(2):
-        secret = found.group(2)
-        for piece in sorted({secret, *re.split(r"[@/:?#]", secret)}, key=len, reverse=True):
-            if len(piece) >= 2:
-                text = text.replace(piece, "***")
+    secrets = _secrets(url)
+    pieces = {p for s in secrets for p in re.split(r"[@/:?#]", s)}
+    for piece in sorted(secrets | pieces, key=len, reverse=True):
+        if len(piece) >= 2:
+            text = text.replace(piece, "***")
     return text
 
 

@@ -65,6 +65,22 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return min(done, key=lambda t: t.value if t.value is not None else float("inf"))
 
 
+def best_head(head_study: optuna.Study) -> dict[str, Any]:
+    """The best head of a head study, as a fine-tuning study (and each of its trials) records
+    the head it starts from: study, trial, value, accuracy, weights (artifact), params."""
+    best = best_trial(head_study)
+    if ATTR + "head_artifact" not in best.user_attrs:
+        raise StudyError(f"the best trial of '{head_study.study_name}' has no saved head weights")
+    return {
+        "study": head_study.study_name,
+        "trial": best.number,
+        "value": best.value,
+        "val_accuracy": best.user_attrs.get("val_accuracy"),
+        "artifact_id": best.user_attrs[ATTR + "head_artifact"],
+        "params": best.params,
+    }
+
+
 def load(name: str, storage_url: str | None = None) -> optuna.Study:
     """Load a tlopt study by name; StudyError lists the existing ones when it is missing."""
     url = resolve_url(storage_url)
@@ -160,21 +176,7 @@ def create(
     model = create_backbone(config.model.backbone, "none", len(classes))
     freeze = config.model.freeze_modules if stage.name != "head" else None
     plan = apply_stage(model, stage, freeze_modules=freeze)
-    head: dict[str, Any] | None = None
-    if head_study is not None:
-        best = best_trial(head_study)
-        if ATTR + "head_artifact" not in best.user_attrs:
-            raise StudyError(
-                f"the best trial of '{head_study.study_name}' has no saved head weights"
-            )
-        head = {
-            "study": head_study.study_name,
-            "trial": best.number,
-            "value": best.value,
-            "val_accuracy": best.user_attrs.get("val_accuracy"),
-            "artifact_id": best.user_attrs[ATTR + "head_artifact"],
-            "params": best.params,
-        }
+    head = best_head(head_study) if head_study is not None else None
     result = CreatePlan(
         name,
         mask_url(url),
@@ -190,8 +192,8 @@ def create(
     if name in existing:
         study = optuna.load_study(study_name=name, storage=storage)
         old = study.user_attrs.get(ATTR + "config")
-        if old is not None and _masked(old) != snapshot(config):
-            diff = _diff(_masked(old), snapshot(config))
+        if old is not None and _stored(old) != snapshot(config):
+            diff = _diff(_stored(old), snapshot(config))
             raise StudyError(
                 f"study '{name}' exists with another config ({diff}): pass --name NEW to create "
                 f"a new study, or 'tlopt study delete {name}' first"
@@ -241,18 +243,20 @@ def _head_study(
 
 
 def snapshot(config: StudyConfig) -> dict[str, Any]:
-    """The config as the study stores it: JSON, with any password in the storage URL masked.
+    """The config as the study stores it: JSON, without the storage URL.
 
     Workers get the storage URL from their own command line or environment, never from the
-    snapshot, and study attributes are shown by ``optuna-dashboard`` to anyone who opens it.
+    snapshot, and study attributes are shown by ``optuna-dashboard`` to anyone who opens it:
+    a URL there could hold a secret that no masking rule knows of.
     """
-    return _masked(config.to_dict())
+    return _stored(config.to_dict())
 
 
-def _masked(raw: dict[str, Any]) -> dict[str, Any]:
+def _stored(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config as studies store it (studies made before stored a masked URL: the same)."""
     storage = raw.get("storage")
-    if isinstance(storage, dict) and isinstance(storage.get("url"), str):
-        return {**raw, "storage": {**storage, "url": mask_url(storage["url"])}}
+    if isinstance(storage, dict) and "url" in storage:
+        return {**raw, "storage": {**storage, "url": ""}}
     return raw
 
 

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from tlopt.config import StudyConfig
-from tlopt.devices import check_device
+from tlopt.devices import check_device, free_after
 from tlopt.errors import StorageError, TloptError
 from tlopt.names import ATTR
 from tlopt.progress import bar
@@ -336,7 +336,7 @@ def _settle(
         return TrialState.PRUNED if tell_trial(study, trial, None, TrialState.PRUNED) else None
     if isinstance(outcome, BaseException):
         if isinstance(outcome, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
+            free_after(outcome)  # before the next trial: drop fit's frames, empty the cache
             reason = (
                 f"CUDA out of memory at batch size {trial.params.get('batch_size')}: lower "
                 "search.batch_size or data.image_size, or use fewer --per-gpu"
