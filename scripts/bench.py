@@ -29,6 +29,7 @@ from torchvision import datasets, transforms
 
 from tlopt.data.cache import decode_source, labels, split_indices
 from tlopt.data.source import open_source
+from tlopt.devices import pick_device
 from tlopt.errors import ConfigError, DataError, TloptError
 from tlopt.models.backbones import create_backbone, normalization
 from tlopt.models.stages import apply_stage, parse_stage, set_train_mode
@@ -36,6 +37,7 @@ from tlopt.train.data import ImageSet
 from tlopt.train.feature_cache import FeatureCache
 from tlopt.train.ledger import TrainParams
 from tlopt.train.trainer import fit
+from tlopt.tune.supervisor import worker_threads
 
 STAGES = ("head", "freeze1", "freeze2")
 
@@ -156,7 +158,7 @@ type = "median"
     cfg = load_config(config)
     if stage != "head" and "bench/head" not in [r["name"] for r in studies.list_studies(url)]:
         studies.create(cfg, "head", url)
-        work("bench/head", url, n_trials=1, device=args.device)
+        work("bench/head", url, n_trials=1, device=args.device, threads=args.threads)
     began = time.perf_counter()
     studies.create(cfg, stage, url)
     work(
@@ -165,6 +167,7 @@ type = "median"
         n_trials=args.trials,
         device=args.device,
         heads_at_once=args.heads_at_once,
+        threads=args.threads,
     )
     return time.perf_counter() - began
 
@@ -183,6 +186,9 @@ def main() -> int:
         "--heads-at-once", type=int, default=8, help="head trials trained together (1: one by one)"
     )
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch's CPU threads (default: a worker's)"
+    )
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
@@ -194,9 +200,9 @@ def main() -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    counts = ("image_size", "batch_size", "epochs", "trials", "heads_at_once")
+    counts = ("image_size", "batch_size", "epochs", "trials", "heads_at_once", "threads")
     for name in counts:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             option = "--" + name.replace("_", "-")
             raise ConfigError(f"{option} {getattr(args, name)}: give a number of 1 or more")
     for stage in args.stages.split(","):
@@ -208,6 +214,10 @@ def _bench(args: argparse.Namespace) -> int:
             f"--data {args.data}: bench needs a folder with train/ and val/ class folders "
             "(the ImageFolder layout the baseline reads)"
         )
+    # Both pipelines and the studies at one thread count: a worker's, unless told.
+    args.threads = worker_threads(args.threads, os.environ, pick_device(args.device).type)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(tmp)
         os.environ.setdefault("TLOPT_CACHE", str(work_dir / "cache"))
@@ -233,6 +243,7 @@ def _bench(args: argparse.Namespace) -> int:
             "epochs": args.epochs,
             "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, torch {torch.__version__}",
+            "threads": torch.get_num_threads(),
             "stages": {},
         }
         n_train = len(data[0])

@@ -75,7 +75,7 @@ def test_bench_times_both_pipelines_and_a_study_per_stage(tmp_path: Path) -> Non
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(figures.read_text())
-    assert list(report["stages"]) == ["head", "freeze1"]
+    assert list(report["stages"]) == ["head", "freeze1"] and report["threads"] >= 1
     for row in report["stages"].values():
         assert row["baseline_img_s"] > 0 and row["tlopt_img_s"] > 0 and row["study_s"] > 0
     printed = [line.split()[0] for line in done.stdout.splitlines()]
@@ -89,6 +89,8 @@ def test_bench_times_both_pipelines_and_a_study_per_stage(tmp_path: Path) -> Non
         (["--stages", "head,freeze"], "freeze"),
         (["--epochs", "0"], "--epochs 0: give a number of 1 or more"),
         (["--data", "."], "needs a folder with train/ and val/"),
+        (["--device", "tpu"], "--device tpu: unknown device"),
+        (["--threads", "0"], "--threads 0: give a number of 1 or more"),
     ],
 )
 def test_bench_bad_input_is_one_line_and_exit_2(args: list[str], needle: str) -> None:
