@@ -171,7 +171,7 @@ def test_each_slot_gets_its_share_of_the_cores() -> None:
 
 
 def test_a_worker_on_the_cpu_runs_one_thread_unless_told() -> None:
-    """Measured on a shared 2-core machine: 1 thread ran every stage 2-7x faster than 2."""
+    """Measured on a shared 2-core machine: 1 thread ran every stage 2-4x faster than 2."""
     assert supervisor.worker_threads(None, {}, "cpu") == 1
     assert supervisor.worker_threads(None, {}, "cuda") is None  # torch's default on a GPU
     assert supervisor.worker_threads(None, {"OMP_NUM_THREADS": "2"}, "cpu") == 2  # respected

@@ -32,10 +32,10 @@ def omp_threads(env: Mapping[str, str]) -> int | None:
 
 # A worker on the CPU runs one torch thread unless told otherwise (--threads, OMP_NUM_THREADS).
 # Timed on a 2-core machine shared with other jobs (README, CPU threads), 1 thread against
-# torch's default of 2 ran the head trials' epochs, a freeze1 epoch and the frozen-feature pass
-# 2-7x faster: OpenMP's threads wait for each other at every operation, and on cores other
-# processes use too, each wait can cost a time slice. More trials at once come from
-# --processes. On a GPU the host threads barely matter and torch's default stays.
+# torch's default of 2 ran the head trials' epochs, a freeze1 epoch and the frozen-feature
+# pass 2-4x faster (medians): OpenMP's threads wait for each other at every operation, and on
+# cores other processes use too, each wait can cost a time slice. More trials at once come
+# from --processes. On a GPU the host threads barely matter and torch's default stays.
 CPU_WORKER_THREADS = 1
 
 
