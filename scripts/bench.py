@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +29,15 @@ from torchvision import datasets, transforms
 
 from tlopt.data.cache import decode_source, labels, split_indices
 from tlopt.data.source import open_source
+from tlopt.devices import pick_device
+from tlopt.errors import ConfigError, DataError, TloptError
 from tlopt.models.backbones import create_backbone, normalization
 from tlopt.models.stages import apply_stage, parse_stage, set_train_mode
 from tlopt.train.data import ImageSet
+from tlopt.train.feature_cache import FeatureCache
 from tlopt.train.ledger import TrainParams
 from tlopt.train.trainer import fit
+from tlopt.tune.supervisor import worker_threads
 
 STAGES = ("head", "freeze1", "freeze2")
 
@@ -106,7 +111,7 @@ def tlopt_rate(
     A study computes the frozen prefix once and reuses it in every epoch of every trial, so
     the first run (which fills the cache) is timed apart from the second (which trains).
     """
-    cache: dict = {}
+    cache = FeatureCache()  # one study's cache: the second fit finds the prefix's outputs
     seconds = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -153,7 +158,7 @@ type = "median"
     cfg = load_config(config)
     if stage != "head" and "bench/head" not in [r["name"] for r in studies.list_studies(url)]:
         studies.create(cfg, "head", url)
-        work("bench/head", url, n_trials=1, device=args.device)
+        work("bench/head", url, n_trials=1, device=args.device, threads=args.threads)
     began = time.perf_counter()
     studies.create(cfg, stage, url)
     work(
@@ -162,11 +167,12 @@ type = "median"
         n_trials=args.trials,
         device=args.device,
         heads_at_once=args.heads_at_once,
+        threads=args.threads,
     )
     return time.perf_counter() - began
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data", default=None, help="image folder (default: built-in digits)")
@@ -180,10 +186,38 @@ def main() -> None:
         "--heads-at-once", type=int, default=8, help="head trials trained together (1: one by one)"
     )
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch's CPU threads (default: a worker's)"
+    )
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
+    try:
+        return _bench(args)
+    except TloptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
+
+def _bench(args: argparse.Namespace) -> int:
+    counts = ("image_size", "batch_size", "epochs", "trials", "heads_at_once", "threads")
+    for name in counts:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            option = "--" + name.replace("_", "-")
+            raise ConfigError(f"{option} {getattr(args, name)}: give a number of 1 or more")
+    for stage in args.stages.split(","):
+        parse_stage(stage)  # an unknown stage fails before any training
+    if args.data is not None and not (
+        (Path(args.data) / "train").is_dir() and (Path(args.data) / "val").is_dir()
+    ):
+        raise DataError(
+            f"--data {args.data}: bench needs a folder with train/ and val/ class folders "
+            "(the ImageFolder layout the baseline reads)"
+        )
+    # Both pipelines and the studies at one thread count: a worker's, unless told.
+    args.threads = worker_threads(args.threads, os.environ, pick_device(args.device).type)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(tmp)
         os.environ.setdefault("TLOPT_CACHE", str(work_dir / "cache"))
@@ -193,11 +227,6 @@ def main() -> None:
         else:
             source = open_source("folder", args.data, val_fraction=0.2, test_fraction=0.0, seed=0)
             folder = Path(args.data)
-            if not (folder / "train").is_dir() or not (folder / "val").is_dir():
-                raise SystemExit(
-                    "bench --data needs a folder with train/ and val/ class folders "
-                    "(the ImageFolder layout the baseline reads)"
-                )
         args.classes = len(source.classes)
         mean, std = normalization(create_backbone(args.model, "none"))
         images = decode_source(source, args.image_size, work_dir / "cache")
@@ -214,6 +243,7 @@ def main() -> None:
             "epochs": args.epochs,
             "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, torch {torch.__version__}",
+            "threads": torch.get_num_threads(),
             "stages": {},
         }
         n_train = len(data[0])
@@ -247,7 +277,8 @@ def main() -> None:
         )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

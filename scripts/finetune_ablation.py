@@ -19,9 +19,14 @@ import contextlib
 import dataclasses
 import json
 import logging
+import sys
+from typing import Any
 
 import optuna
 
+from tlopt.config import SearchSpace
+from tlopt.config_parser import Parser
+from tlopt.errors import ConfigError, TloptError
 from tlopt.models.split import SplitModel
 from tlopt.train.feature_cache import FeatureCache
 from tlopt.train.inputs import Inputs
@@ -31,9 +36,13 @@ from tlopt.tune.runner import run_trial
 from tlopt.tune.study import load
 
 VARIANTS = [(0.0, 1.0), (1.0, 1.0), (0.0, 0.7), (1.0, 0.7)]  # (warmup_epochs, layer_decay)
+# Search-space fields a variant may fix: all but the per-decay parameters (the study's own
+# first values are used).
+VARIANT_FIELDS = {f.name for f in dataclasses.fields(SearchSpace)} - {"decay_params"}
+WHOLE_FIELDS = {"batch_size", "epochs", "patience", "cut"}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", required=True)
     parser.add_argument("--storage", required=True)
@@ -50,11 +59,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    ctx = StudyContext.open(load(args.study, args.storage), args.device)
-    rows = []
-    variants = [_parse_variant(v) for v in args.variant] or [
-        {"warmup_epochs": w, "layer_decay": d} for w, d in VARIANTS
-    ]
     base = {
         "batch_size": args.batch_size,
         "epochs": args.epochs,
@@ -64,14 +68,22 @@ def main() -> None:
         "warmup_epochs": 0.0,
         "layer_decay": 1.0,
     }
-    for variant in variants:
-        values = {**base, **variant}
-        # Every searched value fixed: the trial replays this one setting.
-        bn_train = values.pop("bn_train", None)
-        fields = {k: (v,) for k, v in values.items()}
-        space = dataclasses.replace(ctx.space, **fields, bn_train=bn_train)
-        ctx = dataclasses.replace(ctx, space=space)
-        decay = values["decay"]
+    try:
+        variants = [_parse_variant(v) for v in args.variant] or [
+            {"warmup_epochs": w, "layer_decay": d} for w, d in VARIANTS
+        ]
+        study_ctx = StudyContext.open(load(args.study, args.storage), args.device)
+        # Each variant on the study's own space, so that no setting of one variant carries
+        # into the next, checked as a study file's [search] table is.
+        _space(study_ctx.space, base, "--batch-size, --epochs, --lr, --decay, --dropout")
+        spaces = [_space(study_ctx.space, {**base, **v}, f"--variant {_name(v)}") for v in variants]
+    except TloptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows: list[dict[str, Any]] = []
+    for variant, space in zip(variants, spaces, strict=True):
+        ctx = dataclasses.replace(study_ctx, space=space)
+        decay = space.decay[0]
         fixed = {k: v[0] for k, v in ctx.space.decay_params.get(decay, {}).items()}
         trial = optuna.trial.FixedTrial({f"{decay}.{k}": v for k, v in fixed.items()})
         run = run_trial(trial, ctx)
@@ -84,7 +96,7 @@ def main() -> None:
             test_acc = evaluate(split, inputs, test.labels)[1]
         rows.append(
             {
-                "variant": ",".join(f"{k}={v}" for k, v in variant.items()),
+                "variant": _name(variant),
                 "epoch0_acc": history[0].val_accuracy,
                 "epoch1_acc": history[1].val_accuracy,
                 "epoch1_val_loss": history[1].val_loss,
@@ -93,14 +105,15 @@ def main() -> None:
                 "best_epoch": result.best_epoch,
                 "accs": [round(r.val_accuracy, 4) for r in history],
                 "test_acc": test_acc,
+                "params": dataclasses.asdict(run.params),  # what the run trained with
             }
         )
     if args.json:
         print(json.dumps(rows, indent=2))
-        return
+        return 0
     print(
         f"{args.study}: lr {args.lr:g}, {args.epochs} epochs, bs {args.batch_size}, "
-        f"{args.decay}, dropout {args.dropout:g}, seed {ctx.config.seed}"
+        f"{args.decay}, dropout {args.dropout:g}, seed {study_ctx.config.seed}"
     )
     print("epoch0 acc  epoch1 acc  epoch1 loss  best acc  best loss  epoch  variant")
     for r in rows:
@@ -111,22 +124,46 @@ def main() -> None:
             f"{r['test_acc'] if r['test_acc'] is None else round(r['test_acc'], 4)}  "
             f"(val acc by epoch: {' '.join(f'{a:.3f}' for a in r['accs'])})"
         )
+    return 0
+
+
+def _name(variant: dict[str, object]) -> str:
+    return ",".join(f"{k}={v}" for k, v in variant.items())
+
+
+def _space(study: SearchSpace, values: dict[str, object], source: str) -> SearchSpace:
+    """``study``'s space with every field in ``values`` fixed to its one value.
+
+    Raises:
+        ConfigError: a value a study file's ``[search]`` would refuse (named by ``source``).
+    """
+    parser = Parser(source)
+    scalar = ("patience", "bn_train")
+    space = parser.search({k: v if k in scalar else [v] for k, v in values.items()}, "", study)
+    if parser.problems:
+        raise ConfigError(parser.problems[0])
+    return space
 
 
 def _parse_variant(text: str) -> dict[str, object]:
     """``warmup_epochs=1,optimizer=sgd`` -> {"warmup_epochs": 1.0, "optimizer": "sgd"}."""
     values: dict[str, object] = {}
     for item in text.split(","):
-        key, _, raw = item.partition("=")
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if key not in VARIANT_FIELDS or not sep or not raw:
+            raise ConfigError(
+                f"--variant {text}: '{item}' is not FIELD=VALUE with a search-space field "
+                f"({', '.join(sorted(VARIANT_FIELDS))})"
+            )
         value: object = raw
         if raw in ("true", "false"):
             value = raw == "true"
         else:
             with contextlib.suppress(ValueError):
-                value = int(raw) if key in ("batch_size", "epochs") else float(raw)
-        values[key.strip()] = value
+                value = int(raw) if key in WHOLE_FIELDS else float(raw)
+        values[key] = value
     return values
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,9 +17,17 @@
 #SBATCH --requeue
 #SBATCH --output=tlopt-worker-%A_%a.log
 set -euo pipefail
-study="${1:?usage: sbatch --array=0-N scripts/slurm-workers.sh STUDY [PER_GPU]}"
+usage="usage: sbatch --array=0-N scripts/slurm-workers.sh STUDY [PER_GPU]"
+if [[ $# -lt 1 || $# -gt 2 ]]; then
+    echo "slurm-workers.sh: error: $usage" >&2
+    exit 2
+fi
+study="$1"
 per_gpu="${2:-2}"
-: "${TLOPT_STORAGE:?set TLOPT_STORAGE to the PostgreSQL URL}"
+if [[ -z "${TLOPT_STORAGE:-}" ]]; then
+    echo "slurm-workers.sh: error: set TLOPT_STORAGE to the PostgreSQL URL" >&2
+    exit 2
+fi
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 source scripts/setup >/dev/null
 # Slurm sets CUDA_VISIBLE_DEVICES to the GPUs it granted; --gpus all uses exactly those.

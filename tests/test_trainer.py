@@ -69,6 +69,42 @@ def test_cached_prefix_matches_plain_path(
     )
 
 
+def test_no_tensor_is_made_on_the_host_per_step(
+    digits: tuple[ImageSet, ImageSet], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Normalisation constants are made once per data set, not per batch: on a GPU each
+    ``torch.tensor`` in a step is a blocking host-to-device copy. So the count of
+    ``torch.tensor`` calls in a fit and a predict does not grow with the number of steps."""
+    from tlopt.export.descriptors import predict
+
+    made = 0
+    real = torch.tensor
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        nonlocal made
+        made += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    # Random crops and no feature cache: the images are normalised at every step, train and
+    # validation alike, as in full and scratch trials and uncached prefixes.
+    monkeypatch.setattr(trainer, "CACHE_LIMIT_BYTES", 0)
+
+    model = create_backbone("test_efficientnet", "none", num_classes=10)
+    run("freeze2", digits, epochs=1, crop_scale=0.5)  # one-off work (the split's check) first
+
+    def tensors_made(batch_size: int) -> int:
+        nonlocal made
+        made = 0
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "tensor", counted)
+            result = run("freeze2", digits, batch_size=batch_size, epochs=1, crop_scale=0.5)
+            predict(model, digits[1], batch_size=batch_size)
+        assert len(result.history) == 1
+        return made
+
+    assert tensors_made(8) == tensors_made(32)  # 25 and 7 steps, 13 and 4 predict batches
+
+
 def test_non_finite_loss_is_reported(digits: tuple[ImageSet, ImageSet]) -> None:
     with pytest.raises(NonFiniteLoss, match="epoch 1"):
         run("full", digits, lr=1e8, optimizer="sgd", epochs=2)

@@ -108,7 +108,7 @@ def worker(
         int | None,
         typer.Option(
             help="CPU threads per worker process (default: $OMP_NUM_THREADS if set; else, with "
-            "several processes, the cores divided among them; one process: all cores)."
+            "several processes, the cores divided among them; one process: 1 on the CPU)."
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,

@@ -13,7 +13,11 @@ from tlopt.train.data import ImageSet
 def predict(
     model: nn.Module, images: ImageSet, batch_size: int = 128
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Descriptors (N, D) float32 and logits (N, K) of every image, in eval mode."""
+    """Descriptors (N, D) float32 and logits (N, K) of every image, in eval mode.
+
+    The batches' outputs stay on the device and are copied to the host once, at the end (a
+    copy per batch would make the host wait for the device at every batch).
+    """
     model.eval()
     feats, logits = [], []
     n = len(images)
@@ -21,8 +25,8 @@ def predict(
         index = torch.arange(start, min(start + batch_size, n), device=images.images.device)
         x = images.batch(index)
         features = model.forward_head(model.forward_features(x), pre_logits=True)
-        feats.append(features.float().cpu())
-        logits.append(model.get_classifier()(features).float().cpu())
+        feats.append(features.float())
+        logits.append(model.get_classifier()(features).float())
     if not feats:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+    return torch.cat(feats).cpu().numpy(), torch.cat(logits).cpu().numpy()

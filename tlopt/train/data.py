@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torchvision.ops import roi_align
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class ImageSet:
     """Decoded images of one split, resident on the training device.
 
@@ -20,6 +20,9 @@ class ImageSet:
         mean, std: per-channel normalisation the pretrained weights expect.
         name: what the images are, by content (fingerprint, split, size): the key of their
             frozen features in a ``FeatureCache``; None keys them by this object.
+        scale: ``mean`` and ``std`` as ``(1, C, 1, 1)`` float tensors on the images' device,
+            made once here: built per batch they cost a blocking host-to-device copy per step
+            on a GPU.
     """
 
     images: torch.Tensor
@@ -27,6 +30,13 @@ class ImageSet:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     name: str | None = None
+    scale: tuple[torch.Tensor, torch.Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        device = self.images.device
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        object.__setattr__(self, "scale", (mean, std))  # frozen: set once, here
 
     @classmethod
     def from_arrays(
@@ -54,8 +64,7 @@ class ImageSet:
         x = self.images[index].permute(0, 3, 1, 2).float().div_(255.0)
         if flip is not None:
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        mean, std = self.scale
         x = (x - mean) / std
         x = x.contiguous(memory_format=torch.channels_last)  # see fit: faster on CUDA and CPU
         return x

@@ -30,6 +30,27 @@ def omp_threads(env: Mapping[str, str]) -> int | None:
     return int(first) if first.isdigit() and int(first) > 0 else None
 
 
+# A worker on the CPU runs one torch thread unless told otherwise (--threads, OMP_NUM_THREADS).
+# Timed on a 2-core machine shared with other jobs (README, CPU threads), 1 thread against
+# torch's default of 2 ran the head trials' epochs, a freeze1 epoch and the frozen-feature
+# pass 2-4x faster (medians): OpenMP's threads wait for each other at every operation, and on
+# cores other processes use too, each wait can cost a time slice. More trials at once come
+# from --processes. On a GPU the host threads barely matter and torch's default stays.
+CPU_WORKER_THREADS = 1
+
+
+def worker_threads(threads: int | None, env: Mapping[str, str], device_type: str) -> int | None:
+    """Torch's CPU threads in a worker: ``--threads``, else ``$OMP_NUM_THREADS``, else
+    :data:`CPU_WORKER_THREADS` on the CPU (None on a GPU: torch's own default).
+
+    Example:
+        >>> worker_threads(None, {}, "cpu"), worker_threads(None, {}, "cuda")
+        (1, None)
+    """
+    default = CPU_WORKER_THREADS if device_type == "cpu" else None
+    return threads or omp_threads(env) or default
+
+
 def available_cores() -> int:
     """The CPU cores this process may run on (its affinity mask, as a cgroup cpuset sets it)."""
     if hasattr(os, "sched_getaffinity"):

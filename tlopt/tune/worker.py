@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from tlopt.config import StudyConfig
-from tlopt.devices import check_device, free_after
+from tlopt.devices import check_device, free_after, pick_device
 from tlopt.errors import StorageError, TloptError
 from tlopt.names import ATTR
 from tlopt.progress import bar
@@ -47,7 +47,7 @@ from tlopt.tune.sampling import (
 )
 from tlopt.tune.storage import mask_url, open_storage, resolve_url
 from tlopt.tune.study import load
-from tlopt.tune.supervisor import omp_threads
+from tlopt.tune.supervisor import worker_threads
 
 log = logging.getLogger("tlopt.worker")
 POLL_SECONDS = 2.0
@@ -97,12 +97,13 @@ def work(
 
     ``heads_at_once``: in a head study, ask up to this many trials at a time and train their
     heads together (``head_objectives``); each is still reported, pruned and told on its own.
-    ``threads``: torch's CPU threads (default: ``$OMP_NUM_THREADS`` if set, else torch's own).
+    ``threads``: torch's CPU threads (default: ``$OMP_NUM_THREADS`` if set, else 1 on the CPU
+    and torch's own on a GPU; see ``supervisor.worker_threads``).
     ``on_trial_done``: what the interface writes for each finished trial (curves, a note).
     """
     device = check_device(device)
     slot, restarts = worker_slot(), env_int(RESTARTS_ENV, 0)
-    threads = threads or omp_threads(os.environ)
+    threads = worker_threads(threads, os.environ, pick_device(device).type)
     if threads:
         torch.set_num_threads(threads)
     url = resolve_url(storage_url)
