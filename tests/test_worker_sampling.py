@@ -220,21 +220,29 @@ def test_each_slot_gets_its_share_of_the_cores() -> None:
     }
 
 
-def test_a_worker_on_the_cpu_runs_one_thread_unless_told() -> None:
+def test_a_worker_on_the_cpu_runs_a_thread_per_idle_core_unless_told() -> None:
     """Measured on a shared 2-core machine: 1 thread ran every stage 2-4x faster than 2."""
-    assert supervisor.worker_threads(None, {}, "cpu") == 1
+    assert supervisor.idle_cores(2, 4.7) == 1  # that busy machine
+    assert supervisor.idle_cores(2, 0.2) == 2  # idle: torch's pool of every core
+    assert supervisor.idle_cores(16, 3.6) == 12 and supervisor.idle_cores(4, 9.0) == 1
+    cores, load = supervisor.available_cores(), os.getloadavg()[0]
+    got = supervisor.worker_threads(None, {}, "cpu")
+    assert got is not None and 1 <= got <= cores
+    assert abs(got - supervisor.idle_cores(cores, load)) <= 1  # the load moves meanwhile
     assert supervisor.worker_threads(None, {}, "cuda") is None  # torch's default on a GPU
     assert supervisor.worker_threads(None, {"OMP_NUM_THREADS": "2"}, "cpu") == 2  # respected
     assert supervisor.worker_threads(3, {"OMP_NUM_THREADS": "2"}, "cpu") == 3  # --threads wins
 
 
 @pytest.mark.slow  # trains a head
-def test_a_cpu_worker_sets_torch_to_one_thread(
+def test_a_cpu_worker_on_a_busy_machine_sets_torch_to_one_thread(
     tmp_path: Path, sqlite_storage_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tlopt.tune.worker import work
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = supervisor.available_cores()
+    monkeypatch.setattr(supervisor.os, "getloadavg", lambda: (cores + 1.0, 0.0, 0.0))
     studies.create(load_config(_config(tmp_path, 1)), "head", sqlite_storage_url)
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # torch's default on 2 cores, whatever this machine has

@@ -30,25 +30,36 @@ def omp_threads(env: Mapping[str, str]) -> int | None:
     return int(first) if first.isdigit() and int(first) > 0 else None
 
 
-# A worker on the CPU runs one torch thread unless told otherwise (--threads, OMP_NUM_THREADS).
-# Timed on a 2-core machine shared with other jobs (README, CPU threads), 1 thread against
-# torch's default of 2 ran the head trials' epochs, a freeze1 epoch and the frozen-feature
-# pass 2-4x faster (medians): OpenMP's threads wait for each other at every operation, and on
-# cores other processes use too, each wait can cost a time slice. More trials at once come
-# from --processes. On a GPU the host threads barely matter and torch's default stays.
-CPU_WORKER_THREADS = 1
+# A worker on the CPU runs one torch thread per core that is idle when it starts (at least
+# one) unless told otherwise (--threads, OMP_NUM_THREADS). Timed on a 2-core machine shared
+# with other jobs (README, CPU threads), 1 thread against torch's default of 2 ran the head
+# trials' epochs, a freeze1 epoch and the frozen-feature pass 2-4x faster (medians): OpenMP's
+# threads wait for each other at every operation, and on cores other processes use, each wait
+# can cost a time slice. A core is counted busy by the 1-minute load average, so a busy
+# machine gets one thread and an idle one keeps torch's pool of every core. On a GPU the host
+# threads barely matter and torch's default stays.
+
+
+def idle_cores(cores: int, load: float) -> int:
+    """The cores not busy with other work (``load``: the 1-minute load average), at least one.
+
+    Example:
+        >>> idle_cores(2, 4.7), idle_cores(2, 0.1), idle_cores(16, 3.6)
+        (1, 2, 12)
+    """
+    return max(1, min(cores, int(cores - load + 0.5)))
 
 
 def worker_threads(threads: int | None, env: Mapping[str, str], device_type: str) -> int | None:
-    """Torch's CPU threads in a worker: ``--threads``, else ``$OMP_NUM_THREADS``, else
-    :data:`CPU_WORKER_THREADS` on the CPU (None on a GPU: torch's own default).
-
-    Example:
-        >>> worker_threads(None, {}, "cpu"), worker_threads(None, {}, "cuda")
-        (1, None)
+    """Torch's CPU threads in a worker: ``--threads``, else ``$OMP_NUM_THREADS``, else the
+    cores idle now on the CPU (:func:`idle_cores`; None on a GPU: torch's own default).
     """
-    default = CPU_WORKER_THREADS if device_type == "cpu" else None
-    return threads or omp_threads(env) or default
+    if threads or omp_threads(env):
+        return threads or omp_threads(env)
+    if device_type != "cpu":
+        return None
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return idle_cores(available_cores(), load)
 
 
 def available_cores() -> int:
