@@ -261,6 +261,29 @@ def _check_studies(config: StudyConfig, names: list[str], url: str) -> None:
             raise ConfigError(f"stage '{stage}' starts from the best head: --stages head,{stage}")
 
 
+def _plan(
+    config: StudyConfig, names: list[str], url: str, p: Placement, say: Any
+) -> dict[str, Any]:
+    """Measure and print what each stage will cost here (tlopt.tune.plan); its summary."""
+    from tlopt.tune.plan import make_plan, table, warning
+    from tlopt.tune.sampling import stage_budget
+
+    db = sqlite_path(url)
+    existing = [] if db is not None and not db.exists() else study_names(open_storage(url))
+
+    def remaining(stage: str) -> int:  # a resumed stage's finished trials cost nothing
+        name, budget = f"{config.name}/{stage}", stage_budget(config.n_trials, config.space_for(stage))
+        return max(0, budget - (_finished(name, url) if name in existing else 0))
+
+    device = f"cuda:{p.gpus[0]}" if p.gpus else p.device
+    plan = make_plan(config, names, remaining, device, p.heads_at_once)
+    for line in table(plan):
+        say(line)
+    if (line := warning(plan)) is not None:
+        say(line)
+    return plan.as_dict()
+
+
 def tune(
     out: Path,
     data: Path | None = None,
@@ -278,12 +301,16 @@ def tune(
     from tlopt.report import write_report
     from tlopt.tune.context import open_config_source
 
+    plan_only = bool(flags.pop("plan_only", False))
     place, names, out = place or Placement(), parse_stages(stages), out.expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' is a file: pass a folder for the run")
     config, url = build_config(out, data, config_file, **flags)
     open_config_source(config)  # the data's one-line errors, before anything is written
     _check_studies(config, names, url)
+    plan = _plan(config, names, url, place, say)
+    if plan_only:
+        return {"name": config.name, "storage": mask_url(url), "plan": plan}
     out.mkdir(parents=True, exist_ok=True)
     write_study_file(config, out / "study.toml")
     say(f"study file {out / 'study.toml'}; studies in {mask_url(url)}")
@@ -320,6 +347,6 @@ def tune(
     paths = {"study_file": out / "study.toml", "export": export, "report": page}
     summary: dict[str, Any] = {"name": config.name, "storage": mask_url(url), "stages": rows}
     summary |= {k: str(p.resolve()) for k, p in paths.items()}
-    summary |= {"exported": exported, "ran": ran, "nothing_to_do": done}
+    summary |= {"exported": exported, "ran": ran, "nothing_to_do": done, "plan": plan}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
