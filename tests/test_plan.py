@@ -1,4 +1,4 @@
-"""The plan ``tlopt tune`` prints before its first trial: measured per stage, resumed stages free."""
+"""The plan ``tlopt tune`` prints before its first trial: measured per stage, finished ones free."""
 
 from __future__ import annotations
 

@@ -272,7 +272,8 @@ def _plan(
     existing = [] if db is not None and not db.exists() else study_names(open_storage(url))
 
     def remaining(stage: str) -> int:  # a resumed stage's finished trials cost nothing
-        name, budget = f"{config.name}/{stage}", stage_budget(config.n_trials, config.space_for(stage))
+        name = f"{config.name}/{stage}"
+        budget = stage_budget(config.n_trials, config.space_for(stage))
         return max(0, budget - (_finished(name, url) if name in existing else 0))
 
     device = f"cuda:{p.gpus[0]}" if p.gpus else p.device

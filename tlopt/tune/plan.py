@@ -10,6 +10,7 @@ finished trials costs nothing. Measured for one worker process.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -182,9 +183,14 @@ def _step_seconds(ctx: StudyContext, setup: TrialSetup) -> tuple[float, float]:
     return _timed_steps(
         ctx.device,
         lambda probe: fit(
-            model, ctx.split("train"), ctx.split("val"), params, should_stop=probe,
-            cache=ctx.prefix_cache, seed=ctx.config.seed,
-        ),  # fmt: skip
+            model,
+            ctx.split("train"),
+            ctx.split("val"),
+            params,
+            should_stop=probe,
+            cache=ctx.prefix_cache,
+            seed=ctx.config.seed,
+        ),
     )
 
 
@@ -207,10 +213,8 @@ def _timed_steps(
         return len(asks) > 2 + TIMED_STEPS or (len(asks) > 2 and timed >= STEP_BUDGET_S)
 
     began = time.perf_counter()
-    try:
+    with contextlib.suppress(Interrupted):
         train(probe)
-    except Interrupted:
-        pass
     first = asks[0] - began if asks else 0.0
     steps = np.diff(asks[1:]) if len(asks) > 2 else np.diff(asks)
     return (float(np.median(steps)) if len(steps) else first), first
@@ -258,12 +262,10 @@ def table(plan: Plan) -> list[str]:
     for s in plan.stages:
         epochs = ",".join(map(str, s.epochs))
         cost = "/".join(_short(v) for v in s.epoch_seconds.values()) or "-"
-        lines.append(
-            f"  {s.stage:<10}{s.trials:>7}  {epochs:<22}{cost:>16}{s.seconds / 60:>10.1f}"
-        )
+        lines.append(f"  {s.stage:<10}{s.trials:>7}  {epochs:<22}{cost:>16}{s.seconds / 60:>10.1f}")
     bs = "/".join(str(b) for b in _batch_sizes(plan))
-    lines.append(f"  total {plan.seconds / 60:.1f} min ({plan.seconds / 3600:.1f} h); "
-                 f"s/epoch at batch size {bs}")  # fmt: skip
+    total = f"{plan.seconds / 60:.1f} min ({plan.seconds / 3600:.1f} h)"
+    lines.append(f"  total {total}; s/epoch at batch size {bs}")
     return lines
 
 
