@@ -280,8 +280,8 @@ def _plan(
     plan = make_plan(config, names, remaining, device, p.heads_at_once)
     for line in table(plan):
         say(line)
-    if (line := warning(plan)) is not None:
-        say(line)
+    if (warn := warning(plan)) is not None:
+        say(warn)
     return plan.as_dict()
 
 
