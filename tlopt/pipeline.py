@@ -365,6 +365,30 @@ def _run_storage(out: Path, url: str) -> str:
     return OWN_SQLITE if inside else mask_url(url)
 
 
+def _plan(
+    config: StudyConfig, names: list[str], url: str, p: Placement, say: Any
+) -> dict[str, Any]:
+    """Measure and print what each stage will cost here (tlopt.tune.plan); its summary."""
+    from tlopt.tune.plan import make_plan, table, warning
+    from tlopt.tune.sampling import stage_budget
+
+    db = sqlite_path(url)
+    existing = [] if db is not None and not db.exists() else study_names(open_storage(url))
+
+    def remaining(stage: str) -> int:  # a resumed stage's finished trials cost nothing
+        name = f"{config.name}/{stage}"
+        budget = stage_budget(config.n_trials, config.space_for(stage))
+        return max(0, budget - (_finished(name, url) if name in existing else 0))
+
+    device = f"cuda:{p.gpus[0]}" if p.gpus else p.device
+    plan = make_plan(config, names, remaining, device, p.heads_at_once)
+    for line in table(plan):
+        say(line)
+    if (warn := warning(plan)) is not None:
+        say(warn)
+    return plan.as_dict()
+
+
 def tune(
     out: Path,
     data: Path | None = None,
@@ -382,6 +406,7 @@ def tune(
     from tlopt.report import write_report
     from tlopt.tune.context import open_config_source
 
+    plan_only = bool(flags.pop("plan_only", False))
     place, names, out = place or Placement(), parse_stages(stages), out.expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' is a file: pass a folder for the run")
@@ -389,6 +414,9 @@ def tune(
     check_run_storage(out, url)
     open_config_source(config)  # the data's one-line errors, before anything is written
     _check_studies(config, names, url)
+    plan = _plan(config, names, url, place, say)
+    if plan_only:
+        return {"name": config.name, "storage": mask_url(url), "plan": plan}
     out.mkdir(parents=True, exist_ok=True)
     record = {"storage": _run_storage(out, url)}
     (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -427,6 +455,6 @@ def tune(
     paths = {"study_file": out / "study.toml", "export": export, "report": page}
     summary: dict[str, Any] = {"name": config.name, "storage": mask_url(url), "stages": rows}
     summary |= {k: str(p.resolve()) for k, p in paths.items()}
-    summary |= {"exported": exported, "ran": ran, "nothing_to_do": done}
+    summary |= {"exported": exported, "ran": ran, "nothing_to_do": done, "plan": plan}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

@@ -53,6 +53,9 @@ def tune(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary (only that) on stdout.")
     ] = False,
+    plan_only: Annotated[
+        bool, typer.Option("--plan-only", help="Measure and print the plan; run no trial.")
+    ] = False,
 ) -> None:
     """Run every stage's study, export the best stage and report them; run again to resume."""
     import contextlib
@@ -83,6 +86,7 @@ def tune(
             image_size=image_size,
             epochs=epoch_list,
             storage=storage,
+            plan_only=plan_only,
         )
     if as_json:
         print_json(summary)

@@ -1,0 +1,94 @@
+"""The plan ``tlopt tune`` prints before its first trial: measured per stage, finished ones free."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tests.conftest import TINY_DATA_MODEL
+from tests.test_tune_command import tune_in_process
+from tlopt.config import load_config
+from tlopt.tune.plan import Plan, make_plan, warning
+
+STAGES = ["head", "freeze1", "freeze2"]
+
+
+def tiny_study(tmp_path: Path) -> Path:
+    """Digits at 16 px on timm's test_efficientnet; one batch size and one epoch: seconds."""
+    path = tmp_path / "tiny.toml"
+    text = 'name = "tiny"\nn_trials = 1\n' + TINY_DATA_MODEL
+    path.write_text(text + "[search]\nbatch_size = [32]\nepochs = [1]\n")
+    return path
+
+
+def test_plan_lists_every_stage_with_positive_epoch_costs(tmp_path: Path) -> None:
+    plan = make_plan(load_config(tiny_study(tmp_path)), STAGES, lambda stage: 1)
+    assert [s.stage for s in plan.stages] == STAGES
+    for s in plan.stages:
+        assert s.trials == 1 and s.epochs == (1,)
+        assert list(s.epoch_seconds) == [32] and s.epoch_seconds[32] > 0, s
+        assert s.seconds > 0
+    assert plan.seconds == pytest.approx(sum(s.seconds for s in plan.stages))
+
+
+def test_stage_estimate_scales_with_trials_and_epochs(tmp_path: Path) -> None:
+    (stage,) = make_plan(load_config(tiny_study(tmp_path)), ["freeze1"], lambda _: 2).stages
+    assert stage.trials == 2
+    per_trial = (stage.seconds - stage.setup_seconds) / 2
+    doubled = replace(stage, trials=4)  # the same measurement, twice the trials
+    assert doubled.seconds - doubled.setup_seconds == pytest.approx(2 * 2 * per_trial)
+    longer = replace(stage, epochs=(2, 4))  # mean 3 epochs against 1
+    epoch_part = per_trial - stage.trial_seconds
+    assert (longer.seconds - stage.setup_seconds) / 2 == pytest.approx(
+        stage.trial_seconds + 3 * epoch_part
+    )
+
+
+def test_warning_over_3_hours_names_what_shortens_it(tmp_path: Path) -> None:
+    (stage,) = make_plan(load_config(tiny_study(tmp_path)), ["head"], lambda _: 1).stages
+    assert warning(Plan((stage,), "cpu")) is None  # seconds, not hours
+    epochs = 3 * 3600 / stage.epoch_seconds[32] + 1  # one trial past 3 hours
+    line = warning(Plan((replace(stage, epochs=(int(epochs),)),), "cpu"))
+    assert line is not None and "3 h" in line
+    assert all(flag in line for flag in ("--trials", "--epochs", "--stages"))
+
+
+def test_plan_only_prints_the_plan_and_a_warning_and_runs_no_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    args = ["--config", str(tiny_study(tmp_path)), "--out", str(run), "--plan-only"]
+    code, out, err = tune_in_process([*args, "--epochs", "10000"], capsys, monkeypatch)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("plan (measured on cpu")
+    assert [line.split()[0] for line in lines[2:5]] == STAGES
+    assert lines[5].lstrip().startswith("total")
+    assert lines[6].startswith("warning:") and "--epochs" in lines[6]
+    db = run / "studies.db"  # nothing created, nothing run
+    assert not db.exists() or not optuna.get_all_study_names(f"sqlite:///{db}")
+
+
+def test_tune_prints_the_plan_before_the_first_trial_and_a_finished_stage_costs_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    args = ["--config", str(tiny_study(tmp_path)), "--out", str(run), "--stages", "head"]
+    code, out, err = tune_in_process(args, capsys, monkeypatch)
+    assert code == 0, err
+    lines = out.splitlines()
+    plan = next(i for i, line in enumerate(lines) if line.startswith("plan (measured"))
+    running = next(i for i, line in enumerate(lines) if line.startswith("stage head: running"))
+    assert plan < running
+    assert lines[plan + 2].split()[:2] == ["head", "1"]
+    recorded = json.loads((run / "summary.json").read_text())["plan"]
+    assert recorded["stages"][0]["stage"] == "head" and recorded["stages"][0]["trials"] == 1
+
+    code, out, err = tune_in_process([*args, "--plan-only"], capsys, monkeypatch)
+    assert code == 0, err
+    head = next(line for line in out.splitlines() if line.split()[:1] == ["head"])
+    assert head.split()[1] == "0" and head.split()[-1] == "0.0"  # finished: nothing to run
