@@ -109,7 +109,7 @@ class StaleTrialWatcher:
                 log.warning("stale-trial check failed (%s)", exc)
             self.stop.wait(self.every)
 
-    def grace_of(self, study: optuna.study.StudySummary | Any) -> float | None:
+    def grace_of(self, study: Any) -> float | None:  # a FrozenStudy (get_all_studies)
         """The study's grace period; None for a study that is not tlopt's (left alone)."""
         config = study.user_attrs.get(ATTR + "config")
         if not isinstance(config, dict):
