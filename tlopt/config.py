@@ -36,6 +36,9 @@ class FloatRange:
 Choice = tuple[Any, ...]
 
 
+AUTO_SIZE = 0  # data.image_size = "auto": tlopt tune's size probe chooses it (tune.size_probe)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "folder"
@@ -127,6 +130,7 @@ class StudyConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     # The FINE_TUNE_DEFAULTS fields [search] wrote; the snapshot (to_dict) leaves out the others.
     search_written: frozenset[str] = frozenset()
+    time_budget: float = 0.0  # [budget] time, in seconds (0: none): tlopt tune --time
 
     def space_for(self, stage: str) -> SearchSpace:
         """The search space of ``stage``: ``[search]`` with ``[stages.STAGE]`` on top.
@@ -164,6 +168,12 @@ class StudyConfig:
         for name in FINE_TUNE_DEFAULTS:
             if name not in written:
                 del raw["search"][name]
+        if seconds := raw.pop("time_budget"):
+            from tlopt.tune.timebox import format_duration
+
+            raw["budget"] = {"time": format_duration(seconds)}
+        if raw["data"]["image_size"] == AUTO_SIZE:
+            raw["data"]["image_size"] = "auto"
         return _jsonable(raw)
 
     @classmethod

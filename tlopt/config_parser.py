@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tlopt.config import (
+    AUTO_SIZE,
     BATCH_SIZES,
     FINE_TUNE_DEFAULTS,
     Check,
@@ -123,6 +124,7 @@ class Parser:
             "stages",
             "pruner",
             "storage",
+            "budget",
             "description",
         ]
         self.known(raw, top, "")
@@ -152,14 +154,32 @@ class Parser:
             stages[stage] = {k: getattr(merged, k) for k in table if hasattr(merged, k)}
         pruner = self.pruner(self.table(raw, "pruner"))
         storage = self.storage(self.table(raw, "storage"), base_dir)
+        time_budget = self.budget(self.table(raw, "budget"))
         if self.check is not None:
             for key, problem in self.check(model, pruner):
                 self.fail(key, problem)
         if self.problems:
             raise ConfigError("\n".join(self.problems))
         return StudyConfig(
-            name, seed, n_trials, timeout, data, model, search, stages, pruner, storage, written
-        )
+            name, seed, n_trials, timeout, data, model, search, stages, pruner, storage, written,
+            time_budget,
+        )  # fmt: skip
+
+    def budget(self, raw: dict[str, Any]) -> float:
+        """``[budget] time = "20m"``: the whole run's wall time for tlopt tune (0: none)."""
+        from tlopt.tune.timebox import parse_duration  # no torch: the parser stays light
+
+        self.known(raw, ["time"], "budget.")
+        if "time" not in raw:
+            return 0.0
+        text = raw["time"]
+        try:
+            if not isinstance(text, str):
+                raise ConfigError(f'{text!r}: give a string with a unit, e.g. "20m" or "1.5h"')
+            return parse_duration(text, "time")
+        except ConfigError as exc:
+            self.fail("budget.time", str(exc))
+            return 0.0
 
     def data(self, raw: dict[str, Any], base_dir: Path | None) -> DataConfig:
         w = "data."
@@ -177,7 +197,10 @@ class Parser:
             else:
                 if not expanded.is_absolute():
                     path = str((base_dir / expanded).resolve())
-        size = self.number(raw, "image_size", d.image_size, int, 8, 2048, w)
+        if raw.get("image_size") in ("auto", AUTO_SIZE):  # tlopt tune's size probe chooses it
+            size = AUTO_SIZE
+        else:
+            size = self.number(raw, "image_size", d.image_size, int, 8, 2048, w)
         val = self.number(raw, "val_fraction", d.val_fraction, float, 0.01, 0.9, w)
         test = self.number(raw, "test_fraction", d.test_fraction, float, 0.0, 0.9, w)
         if val + test >= 0.95:

@@ -13,12 +13,13 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlopt.config import StudyConfig, fine_tunes_from_head, load_config
+from tlopt.config import AUTO_SIZE, StudyConfig, fine_tunes_from_head, load_config
 from tlopt.errors import ConfigError, TloptError
 from tlopt.names import ATTR, FIRST_HEAD, HEAD, parse_stage
 from tlopt.report.trial_artifacts import write_trial_artifacts
@@ -39,12 +40,16 @@ from tlopt.tune.study import (
     load,
     snapshot,
 )
+from tlopt.tune.timebox import Allotment, format_duration
 
 if TYPE_CHECKING:
     import optuna
 
+    from tlopt.tune.plan import Plan
+
+MIN_TIME_S = 60.0  # a time budget with less than this left runs nothing
 DEFAULT_STAGES = "head,freeze1,freeze2"  # the reference projects' stages
-FOLDER_DEFAULTS = {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "image_size": 224}
+FOLDER_DEFAULTS = {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "image_size": "auto"}
 SUMMARY = "summary.json"
 # Where the run's studies are (their storage URL, masked), written before any stage runs: the
 # way back to them when the study file cannot say (its URL is blanked when it holds a secret).
@@ -76,6 +81,7 @@ class Placement:  # the worker's placement flags, checked as 'tlopt worker' chec
     processes: int = 1
     heads_at_once: int = 8
     device: str | None = None
+    threads: int | None = None  # torch's CPU threads here: the plan's and the workers' (tune)
 
 
 def placement(
@@ -113,10 +119,12 @@ def parse_stages(text: str) -> list[str]:
 
 def build_config(
     out: Path, data: Path | None, config_file: Path | None, **flags: Any
-) -> tuple[StudyConfig, str]:
-    """The study config of the run and its storage URL: the study file (or the folder and the
-    defaults), then the flags that are set; storage: flag, $TLOPT_STORAGE, file, RUN/studies.db."""
+) -> tuple[StudyConfig, str, set[str]]:
+    """The study config of the run, its storage URL and the stages whose epoch choices the user
+    set (a time budget keeps them): the study file (or the folder and the defaults), then the
+    flags that are set; storage: flag, $TLOPT_STORAGE, file, RUN/studies.db."""
     storage = flags.pop("storage", None)
+    time_budget = flags.pop("time", None)
     if config_file is not None:
         raw = load_config(config_file, data_path=str(data) if data else None).to_dict()
     elif data is None:
@@ -129,13 +137,18 @@ def build_config(
     for key, value in ((k, v) for k, v in flags.items() if v is not None):
         table = raw.setdefault(where[key], {}) if key in where else raw
         table["n_trials" if key == "trials" else key] = value
+    if time_budget is not None:
+        raw["budget"] = {"time": time_budget}
+    every = "epochs" in raw.get("search", {})  # --epochs or the file's [search]: every stage
+    stage_tables = raw.get("stages", {})
+    fixed = {st for st, t in stage_tables.items() if isinstance(t, dict) and "epochs" in t}
     default = f"sqlite:///{(out / 'studies.db').expanduser().resolve()}"
     url = resolve_url(storage, raw.get("storage", {}).get("url") or default)
     raw.setdefault("storage", {})["url"] = url
     config = StudyConfig.from_dict(raw, "tlopt tune")
     if problems := buildable_problems(config.model, config.pruner):  # an unknown backbone
         raise ConfigError("\n".join(f"{key}: {problem}" for key, problem in problems))
-    return config, url
+    return config, url, {"*"} if every else fixed
 
 
 def _key(key: str) -> str:
@@ -171,8 +184,9 @@ def _emit(path: list[str], table: dict[str, Any], lines: list[str]) -> None:
         _emit([*path, k], v, lines)
 
 
-def write_study_file(config: StudyConfig, path: Path) -> None:
-    """``path``: a commented study file that loads back to ``config`` (a password: url = "")."""
+def write_study_file(config: StudyConfig, path: Path, notes: list[str] | None = None) -> None:
+    """``path``: a commented study file that loads back to ``config`` (a password: url = "");
+    ``notes``: comment lines after the header (the size probe's table)."""
     raw = config.to_dict()
     url = raw["storage"]["url"]
     where = ""
@@ -183,12 +197,28 @@ def write_study_file(config: StudyConfig, path: Path) -> None:
             "# Set TLOPT_STORAGE to that URL, with its password, before you resume or join the run."
         )
     lines = [HEADER.format(out=path.parent, name=config.name, where=where).rstrip("\n")]
+    lines += [f"# {line}" for line in notes or []]
     _emit([], raw, lines)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     back = load_config(path).to_dict()
     back["storage"]["url"] = url
     if back != config.to_dict():  # a bug here, not the user's: never leave a file that lies
         raise RuntimeError(f"{path} does not load back to the config it was written from")
+
+
+@contextlib.contextmanager
+def _environ(key: str, value: str | None) -> Iterator[None]:
+    """``$key`` set to ``value`` (None: left as it is) for this process and its workers."""
+    old = os.environ.get(key)
+    if value is not None:
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        if value is not None and old is None:
+            os.environ.pop(key, None)
+        elif value is not None and old is not None:
+            os.environ[key] = old
 
 
 @contextlib.contextmanager
@@ -209,11 +239,23 @@ def _finished(name: str, url: str) -> int:
     return len(load(name, url).get_trials(deepcopy=False, states=FINISHED))
 
 
-def _stage(config: StudyConfig, stage: str, url: str, p: Placement, say: Any) -> dict[str, Any]:
-    """Create (or reuse) the stage's study and run workers until it holds its budget."""
+def _stage(
+    config: StudyConfig,
+    stage: str,
+    url: str,
+    p: Placement,
+    say: Any,
+    box: tuple[float, float] | None = None,
+) -> dict[str, Any] | None:
+    """Create (or reuse) the stage's study and run workers until it holds its budget.
+
+    ``box``: a time budget's (seconds for this stage, deadline as a ``time.time()``): no trial
+    starts after the seconds, the running one stops at the deadline, and a stage that ran out
+    of time ends with what it finished (None: not one complete trial).
+    """
     from tlopt.tune.sampling import stage_budget
     from tlopt.tune.supervisor import supervise
-    from tlopt.tune.worker import work
+    from tlopt.tune.worker import DEADLINE_ENV, work
 
     name, budget = f"{config.name}/{stage}", config.n_trials
     if name not in study_names(open_storage(url)):
@@ -232,23 +274,33 @@ def _stage(config: StudyConfig, stage: str, url: str, p: Placement, say: Any) ->
     else:
         join = f"tlopt worker --study {name} --storage {mask_url(url)}"
         say(f"stage {stage}: running {budget - before} of {budget} trials (more workers: {join})")
-        if not (p.gpus or p.processes > 1):
-            work(
-                name,
-                url,
-                None,
-                None,
-                p.device,
-                p.heads_at_once,
-                on_trial_done=write_trial_artifacts,
-            )
-        elif supervise(name, url, None, None, p.gpus, p.per_gpu, p.processes, p.heads_at_once):
-            raise TloptError(f"the workers of '{name}' failed (see above): run again to resume")
+        seconds = None if box is None else max(1.0, box[0])
+        with _environ(DEADLINE_ENV, None if box is None else repr(box[1])):
+            if not (p.gpus or p.processes > 1):
+                work(
+                    name,
+                    url,
+                    None,
+                    seconds,
+                    p.device,
+                    p.heads_at_once,
+                    threads=p.threads,
+                    on_trial_done=write_trial_artifacts,
+                )
+            elif supervise(
+                name, url, None, seconds, p.gpus, p.per_gpu, p.processes, p.heads_at_once
+            ):
+                raise TloptError(f"the workers of '{name}' failed (see above): run again to resume")
     after = _finished(name, url)
-    if after < budget:
+    if after < budget and box is None:
         raise TloptError(
             f"stage {stage} stopped at {after} of {budget} trials: run again to resume"
         )
+    if after < budget:
+        say(f"stage {stage}: its time is up after {after} of {budget} trials")
+    if not any(t.state.name == "COMPLETE" for t in load(name, url).get_trials(deepcopy=False)):
+        say(f"stage {stage}: no trial completed in its time: a longer --time runs it")
+        return None
     best = best_trial(load(name, url))
     accuracy = best.user_attrs.get("val_accuracy")
     acc = "-" if accuracy is None else f"{accuracy:.4f}"
@@ -310,13 +362,16 @@ def _export_is(folder: Path, study: str, trial: int) -> bool:  # a complete expo
     return same and all((folder / f).is_file() for f in FILES)
 
 
-def _but_budget(config: Any) -> Any:
-    """A stored config less its trial budget: a rerun may raise or lower --trials."""
+def _but_budget(config: Any, stage: str) -> Any:
+    """A stored config as it decides the study of ``stage``: less its trial and time budgets
+    (a rerun may change --trials and --time) and the other stages' tables."""
     if not isinstance(config, dict):
         return config
-    rest = {k: v for k, v in config.items() if k != "n_trials"}
+    rest = {k: v for k, v in config.items() if k not in ("n_trials", "budget")}
     if isinstance(rest.get("storage"), dict):  # older studies stored the URL, masked
         rest["storage"] = {**rest["storage"], "url": ""}
+    if isinstance(rest.get("stages"), dict):
+        rest["stages"] = {k: v for k, v in rest["stages"].items() if k == stage}
     return rest
 
 
@@ -329,7 +384,7 @@ def _check_studies(config: StudyConfig, names: list[str], url: str) -> None:
         name = f"{config.name}/{stage}"
         if name in existing:  # the same name with the same config is this run: resume it
             stored = load(name, url).user_attrs.get(ATTR + "config")
-            if _but_budget(stored) != _but_budget(snapshot(config)):
+            if _but_budget(stored, stage) != _but_budget(snapshot(config), stage):
                 create(config, stage, url, dry_run=True)  # its error shows the difference
         elif fine_tunes_from_head(stage) and not head:
             raise ConfigError(f"stage '{stage}' starts from the best head: --stages head,{stage}")
@@ -365,11 +420,25 @@ def _run_storage(out: Path, url: str) -> str:
     return OWN_SQLITE if inside else mask_url(url)
 
 
-def _plan(
-    config: StudyConfig, names: list[str], url: str, p: Placement, say: Any
-) -> dict[str, Any]:
-    """Measure and print what each stage will cost here (tlopt.tune.plan); its summary."""
-    from tlopt.tune.plan import make_plan, table, warning
+def _threads_now(p: Placement) -> Placement:
+    """Decide the CPU threads once, before the plan's work loads the machine: the plan
+    measures at the count the workers of this process then run at (a later look at the load
+    average would count this process's own plan as other work)."""
+    import torch
+
+    from tlopt.devices import pick_device
+    from tlopt.tune.supervisor import worker_threads
+
+    if p.gpus or p.processes > 1:  # each worker process decides its own
+        return p
+    threads = worker_threads(p.threads, os.environ, pick_device(p.device).type)
+    if threads:
+        torch.set_num_threads(threads)
+    return replace(p, threads=threads)
+
+
+def _remaining(config: StudyConfig, url: str) -> Callable[[str], int]:
+    """Each stage's trials still to run: its budget less its finished trials."""
     from tlopt.tune.sampling import stage_budget
 
     db = sqlite_path(url)
@@ -380,13 +449,130 @@ def _plan(
         budget = stage_budget(config.n_trials, config.space_for(stage))
         return max(0, budget - (_finished(name, url) if name in existing else 0))
 
+    return remaining
+
+
+def _plan(config: StudyConfig, names: list[str], url: str, p: Placement) -> Plan:
+    """Measure what each stage will cost here (tlopt.tune.plan)."""
+    from tlopt.tune.plan import make_plan
+
     device = f"cuda:{p.gpus[0]}" if p.gpus else p.device
-    plan = make_plan(config, names, remaining, device, p.heads_at_once)
+    return make_plan(config, names, _remaining(config, url), device, p.heads_at_once)
+
+
+def _say_plan(plan: Plan, say: Any) -> None:
+    from tlopt.tune.plan import table, warning
+
     for line in table(plan):
         say(line)
     if (warn := warning(plan)) is not None:
         say(warn)
-    return plan.as_dict()
+
+
+def _read_record(out: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((out / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _time_left(config: StudyConfig, record: dict[str, Any]) -> tuple[float, float]:
+    """(seconds this run may spend, seconds the run folder spent before on the same budget).
+
+    A rerun with the same budget spends what is left of it; another budget starts afresh.
+    """
+    budget = config.time_budget
+    was: dict[str, Any] = record["time"] if isinstance(record.get("time"), dict) else {}
+    spent = float(was.get("spent", 0.0)) if was.get("budget") == budget else 0.0
+    left = budget - spent
+    if left < MIN_TIME_S:
+        raise ConfigError(
+            f"--time {format_duration(budget)}: this run folder spent {spent / 60:.1f} min of "
+            "it already: give a larger --time to go on"
+        )
+    return left, spent
+
+
+def _choose_size(
+    config: StudyConfig, record: dict[str, Any], p: Placement, seconds: float | None, say: Any
+) -> tuple[StudyConfig, dict[str, Any]]:
+    """Resolve ``image_size = "auto"``: the size probe's choice (a rerun reuses the first's)."""
+    from tlopt.models.backbones import create_backbone
+    from tlopt.tune.context import cache_dir, open_config_source
+    from tlopt.tune.size_probe import (
+        candidate_sizes,
+        choose,
+        median_side,
+        native_size,
+        probe_sizes,
+        probe_table,
+    )
+
+    key = {"backbone": config.model.backbone, "weights": config.model.weights,
+           "data": config.data.path or config.data.source}  # fmt: skip
+    was = record.get("size_probe")
+    if isinstance(was, dict) and {k: was.get(k) for k in key} == key and was.get("chosen"):
+        say(f"image size {was['chosen']} px: chosen by this run's size probe before")
+        return replace(config, data=replace(config.data, image_size=int(was["chosen"]))), was
+    source = open_config_source(config)
+    native = native_size(create_backbone(config.model.backbone, "none", len(source.classes)))
+    sizes = candidate_sizes(native, median_side(source))
+    say(f"size probe: {', '.join(map(str, sizes))} px (the backbone's own is {native})")
+    device = f"cuda:{p.gpus[0]}" if p.gpus else p.device
+    from tlopt.devices import pick_device
+
+    rows = probe_sizes(config, source, sizes, cache_dir(), pick_device(device), seconds, say)
+    chosen = choose(rows)
+    for line in probe_table(rows, chosen):
+        say(line)
+    probe = key | {"chosen": chosen, "rows": [r.as_dict() for r in rows],
+                   "table": probe_table(rows, chosen)}  # fmt: skip
+    return replace(config, data=replace(config.data, image_size=chosen)), probe
+
+
+def _stored_epochs(config: StudyConfig, names: list[str], url: str) -> dict[str, tuple[int, ...]]:
+    """The epoch choices of the stages whose studies exist (a rerun cannot change them)."""
+    db = sqlite_path(url)
+    existing = [] if db is not None and not db.exists() else study_names(open_storage(url))
+    out = {}
+    for stage in names:
+        if f"{config.name}/{stage}" in existing:
+            stored = load(f"{config.name}/{stage}", url).user_attrs.get(ATTR + "config")
+            if isinstance(stored, dict):
+                out[stage] = StudyConfig.from_dict(stored).space_for(stage).epochs
+    return out
+
+
+def _allot(
+    config: StudyConfig,
+    names: list[str],
+    url: str,
+    plan: Plan,
+    seconds: float,
+    fixed: set[str],
+) -> tuple[StudyConfig, list[Allotment], Plan]:
+    """The time budget's share per stage; the config with the chosen epochs; the plan of it."""
+    from tlopt.tune.timebox import allot
+
+    stored = _stored_epochs(config, names, url)
+    keep = {st for st in names if "*" in fixed or st in fixed or st in stored}
+    stages = {**config.stages}
+    for st, epochs in stored.items():  # the study's own epochs: rerun with what it was made
+        stages[st] = {**stages.get(st, {}), "epochs": epochs}
+    left = _remaining(config, url)
+    caps = {st: left(st) for st in names}
+    measured = replace(plan, stages=tuple(
+        replace(s, epochs=stored.get(s.stage, s.epochs)) for s in plan.stages))  # fmt: skip
+    shares = allot(measured, seconds, keep, caps)
+    for a in shares:
+        if a.stage not in keep and a.trials:
+            stages[a.stage] = {**stages.get(a.stage, {}), "epochs": a.epochs}
+    config = replace(config, stages=stages)
+    shown = replace(measured, stages=tuple(
+        replace(s, trials=a.trials, epochs=a.epochs)
+        for s, a in zip(measured.stages, shares, strict=True)))  # fmt: skip
+    return config, shares, shown
 
 
 def tune(
@@ -401,28 +587,130 @@ def tune(
     """Run or resume the stages into ``out``; returns the summary that ``--json`` prints.
 
     ``flags`` (None: the study file's or the default): name, seed, trials, backbone, weights,
-    image_size, epochs, storage."""
-    from tlopt.export.bundle import export_best
-    from tlopt.report import write_report
+    image_size (a number or "auto"), epochs, storage, time (e.g. "20m"), plan_only."""
     from tlopt.tune.context import open_config_source
+    from tlopt.tune.timebox import PROBE_SHARE, export_seconds
+    from tlopt.tune.timebox import table as time_table
 
+    began = time.monotonic()
     plan_only = bool(flags.pop("plan_only", False))
     place, names, out = place or Placement(), parse_stages(stages), out.expanduser()
+    place = _threads_now(place)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' is a file: pass a folder for the run")
-    config, url = build_config(out, data, config_file, **flags)
+    config, url, fixed = build_config(out, data, config_file, **flags)
     check_run_storage(out, url)
     open_config_source(config)  # the data's one-line errors, before anything is written
+    record = _read_record(out)
+    left, spent_before = _time_left(config, record) if config.time_budget else (0.0, 0.0)
+    probe: dict[str, Any] | None = None
+    if config.data.image_size == AUTO_SIZE:
+        share = left * PROBE_SHARE if config.time_budget else None
+        config, probe = _choose_size(config, record, place, share, say)
     _check_studies(config, names, url)
-    plan = _plan(config, names, url, place, say)
+    plan = _plan(config, names, url, place)
+    shares: list[Allotment] = []
+    if config.time_budget:
+        seconds = left - (time.monotonic() - began)
+        config, shares, plan = _allot(config, names, url, plan, seconds, fixed)
+        _check_studies(config, names, url)
+    _say_plan(plan, say)
+    if shares:
+        reserve = export_seconds(plan)
+        for line in time_table(shares, config.time_budget, time.monotonic() - began, reserve):
+            say(line)
     if plan_only:
-        return {"name": config.name, "storage": mask_url(url), "plan": plan}
+        result = {"name": config.name, "storage": mask_url(url), "plan": plan.as_dict()}
+        return result | ({"image_size": probe} if probe else {})
     out.mkdir(parents=True, exist_ok=True)
-    record = {"storage": _run_storage(out, url)}
+    record = {"storage": _run_storage(out, url)} | ({"size_probe": probe} if probe else {})
+    if config.time_budget:
+        record["time"] = {"budget": config.time_budget, "spent": spent_before}
     (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    write_study_file(config, out / "study.toml")
+    write_study_file(config, out / "study.toml", probe["table"] if probe else [])
     say(f"study file {out / 'study.toml'}; studies in {mask_url(url)}")
-    rows = [_stage(config, stage, url, place, say) for stage in names]
+    try:
+        rows = _run_stages(config, names, url, place, say, shares, plan, left, began)
+        return _finish(config, url, out, place, rows, plan, probe, say)
+    finally:
+        if config.time_budget:
+            spent = spent_before + time.monotonic() - began
+            record["time"] = {"budget": config.time_budget, "spent": round(spent, 1)}
+            (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            say(f"time: {spent / 60:.1f} min of {format_duration(config.time_budget)} spent")
+
+
+def _run_stages(
+    config: StudyConfig,
+    names: list[str],
+    url: str,
+    place: Placement,
+    say: Any,
+    shares: list[Allotment],
+    plan: Plan,
+    left: float,
+    began: float,
+) -> list[dict[str, Any]]:
+    """Each stage in order; with a time budget each gets its share (what one leaves unspent
+    goes to the next) and the running trial stops where the export's reserve begins."""
+    from tlopt.tune.timebox import HOLDS, export_seconds, trial_seconds
+    from tlopt.tune.worker import STOP
+
+    if not shares:
+        every = [_stage(config, stage, url, place, say) for stage in names]
+        return [r for r in every if r is not None]
+    by_stage, end = {a.stage: a for a in shares}, began + left  # monotonic: the run's end
+    stages_began, planned, rows = time.monotonic(), 0.0, []
+    stop = end - export_seconds(plan)  # the running trial stops here, for the export
+    for stage in names:
+        a, ours = by_stage[stage], plan.stages[[s.stage for s in plan.stages].index(stage)]
+        planned += a.seconds
+        if a.trials == 0 and a.why != HOLDS:
+            say(f"stage {stage}: {a.why}")
+            continue
+        per, now = trial_seconds(ours, a.epochs), time.monotonic()
+        seconds = min(stages_began + planned, stop) - now - per / 2  # the last ends about on time
+        if a.trials and (stop - now < per or seconds <= 0):
+            say(f"stage {stage}: left out: {max(0.0, stop - now) / 60:.1f} min are left before "
+                f"the export and a trial costs {per / 60:.1f} min here")  # fmt: skip
+            continue
+        # The stage's budget: what it holds plus its share's trials.
+        staged = replace(config, n_trials=max(1, a.trials + _finished_if_any(config, stage, url)))
+        deadline = time.time() + stop - time.monotonic()
+        row = _stage(staged, stage, url, place, say, (seconds, deadline))
+        if STOP.is_set():  # Ctrl-C or SIGTERM, not the deadline: the run stops here
+            raise TloptError("stopped: every finished trial is kept; run again to resume")
+        if row is not None:
+            rows.append(row)
+        elif stage == "head":
+            raise TloptError("no head trial completed in its time: give a longer --time")
+    if not rows:
+        raise TloptError("no stage completed a trial in its time: give a longer --time")
+    return rows
+
+
+def _finished_if_any(config: StudyConfig, stage: str, url: str) -> int:
+    db = sqlite_path(url)
+    if db is not None and not db.exists():
+        return 0
+    name = f"{config.name}/{stage}"
+    return _finished(name, url) if name in study_names(open_storage(url)) else 0
+
+
+def _finish(
+    config: StudyConfig,
+    url: str,
+    out: Path,
+    place: Placement,
+    rows: list[dict[str, Any]],
+    plan: Plan,
+    probe: dict[str, Any] | None,
+    say: Any,
+) -> dict[str, Any]:
+    """Export the best stage and report every stage; the summary."""
+    from tlopt.export.bundle import export_best
+    from tlopt.report import write_report
+
     # Every stage minimises the same objective, its best validation loss, on the same
     # validation split (one data config, one seed), so the stages' best values compare.
     best = min(rows, key=lambda r: r["best_value"])
@@ -435,8 +723,9 @@ def tune(
     if kept:
         say(f"export {export} holds trial {best['best_trial']} of '{best['study']}': kept")
     else:
-        export_best(best["study"], export, url, place.device, force=True)
-        say(f"exported trial {best['best_trial']} of '{best['study']}' to {export}")
+        made = export_best(best["study"], export, url, place.device, force=True)
+        how = "retrained" if made["weights_from"] == "retrained" else "its own weights"
+        say(f"exported trial {best['best_trial']} of '{best['study']}' ({how}) to {export}")
     manifest = json.loads((export / "manifest.json").read_text())
     studies, ran = [r["study"] for r in rows], sum(r["ran"] for r in rows)
     try:  # the report shows the stages of the last run: the same ones?
@@ -455,6 +744,8 @@ def tune(
     paths = {"study_file": out / "study.toml", "export": export, "report": page}
     summary: dict[str, Any] = {"name": config.name, "storage": mask_url(url), "stages": rows}
     summary |= {k: str(p.resolve()) for k, p in paths.items()}
-    summary |= {"exported": exported, "ran": ran, "nothing_to_do": done, "plan": plan}
+    summary |= {"exported": exported, "ran": ran, "nothing_to_do": done, "plan": plan.as_dict()}
+    if probe:
+        summary["image_size"] = probe
     (out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

@@ -29,15 +29,28 @@ def export_best(
     force: Annotated[
         bool, typer.Option(help="Replace tlopt's files in a non-empty --out.")
     ] = False,
+    retrain: Annotated[
+        bool,
+        typer.Option(help="Retrain the trial even when its study kept the weights it trained."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Retrain the best trial and export model, history, metrics, plots and descriptors."""
+    """Export the best trial (its kept weights, or retrained): model, history, metrics, plots
+    and descriptors."""
     from tlopt.export.bundle import export_best as run
 
-    manifest = run(study, out, storage, device, force)
+    manifest = run(study, out, storage, device, force, retrain)
     if as_json:
         metrics = json.loads((out / "metrics.json").read_text())
-        keep = ("study", "stage", "trial", "params", "tuned_value", "retrained_value")
+        keep = (
+            "study",
+            "stage",
+            "trial",
+            "params",
+            "tuned_value",
+            "retrained_value",
+            "weights_from",
+        )
         print_json(
             {
                 **{k: manifest[k] for k in keep},
@@ -47,7 +60,8 @@ def export_best(
             }
         )
         return
-    typer.echo(f"exported trial {manifest['trial']} of '{study}' to {out}")
+    how = "retrained" if manifest["weights_from"] == "retrained" else "its own weights"
+    typer.echo(f"exported trial {manifest['trial']} of '{study}' ({how}) to {out}")
     typer.echo(
         f"  tuned val_loss {manifest['tuned_value']:.4f}, retrained "
         f"{manifest['retrained_value']:.4f}; {manifest['evaluated_split']} accuracy "

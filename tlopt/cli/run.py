@@ -33,7 +33,10 @@ def tune(
     weights: Annotated[
         str | None, typer.Option(help="pretrained, bundled (default), none or file:PATH.")
     ] = None,
-    image_size: Annotated[int | None, typer.Option(help="Pixels (default 224).")] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(help="Pixels, or 'auto' (the default for a folder: a probe chooses it)."),
+    ] = None,
     epochs: Annotated[
         str | None, typer.Option(help="Epoch choices, e.g. 10,25 (default 10..150).")
     ] = None,
@@ -56,6 +59,12 @@ def tune(
     plan_only: Annotated[
         bool, typer.Option("--plan-only", help="Measure and print the plan; run no trial.")
     ] = False,
+    time: Annotated[
+        str | None,
+        typer.Option(
+            "--time", help="Wall time for the whole run, e.g. 30m or 2h: trials and epochs fit it."
+        ),
+    ] = None,
 ) -> None:
     """Run every stage's study, export the best stage and report them; run again to resume."""
     import contextlib
@@ -69,6 +78,15 @@ def tune(
             epoch_list = [int(e) for e in epochs.split(",")]
         except ValueError:
             raise TloptError(f"--epochs '{epochs}': give whole numbers, e.g. 10,25") from None
+    size: int | str | None = image_size
+    if image_size is not None and image_size != "auto":
+        if not image_size.isdigit() or not 8 <= int(image_size) <= 2048:
+            raise TloptError(f"--image-size {image_size}: give pixels (8..2048) or 'auto'")
+        size = int(image_size)
+    if time is not None:
+        from tlopt.tune.timebox import parse_duration
+
+        parse_duration(time)  # its one-line error before anything is read
     place = placement(gpus, per_gpu, processes, heads_at_once, device)
     with stdout_to_stderr() if as_json else contextlib.nullcontext():
         summary = run(
@@ -83,10 +101,11 @@ def tune(
             trials=trials,
             backbone=backbone,
             weights=weights,
-            image_size=image_size,
+            image_size=size,
             epochs=epoch_list,
             storage=storage,
             plan_only=plan_only,
+            time=time,
         )
     if as_json:
         print_json(summary)

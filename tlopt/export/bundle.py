@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import platform
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ import numpy as np
 import optuna
 import timm
 import torch
+from optuna.artifacts import download_artifact
 from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 from torch import nn
@@ -36,18 +38,22 @@ from torch import nn
 import tlopt
 from tlopt.errors import TloptError
 from tlopt.export.descriptors import predict
-from tlopt.models.backbones import create_backbone, data_config
+from tlopt.models.backbones import classifier_name, create_backbone, data_config
 from tlopt.models.cut import CutModel
-from tlopt.names import FIRST_HEAD, HEAD
+from tlopt.models.stages import set_train_mode
+from tlopt.names import ATTR, FIRST_HEAD, HEAD
 from tlopt.plots import confusion_plot, history_plots
 from tlopt.progress import bar
 from tlopt.train.data import ImageSet
-from tlopt.train.ledger import EpochRecord
+from tlopt.train.ledger import EpochRecord, FitResult
 from tlopt.train.metrics import classification_metrics
 from tlopt.tune.context import StudyContext
-from tlopt.tune.runner import log_epoch, train_setup
-from tlopt.tune.space import suggest
+from tlopt.tune.objective import WEIGHTS
+from tlopt.tune.runner import TrialRun, log_epoch, train_setup
+from tlopt.tune.space import TrialSetup, suggest
 from tlopt.tune.study import best_trial, load
+
+log = logging.getLogger("tlopt.export")
 
 FILES = (
     "model/config.json",
@@ -83,8 +89,11 @@ def export_best(
     storage_url: str | None = None,
     device: str | None = None,
     force: bool = False,
+    retrain: bool = False,
 ) -> dict[str, Any]:
-    """Retrain the best trial of ``study_name`` with the study's seed and export it to ``out``."""
+    """Export the best trial of ``study_name`` to ``out``: the weights it trained, when its
+    study kept them (``tlopt.weights``; a head trial's head), else (or with ``retrain``)
+    retrained with the study's seed."""
     study = load(study_name, storage_url)
     best = best_trial(study)
     _prepare_out(out, force)
@@ -102,8 +111,12 @@ def export_best(
             shown.update(1)
             shown.set_postfix(loss=f"{record.val_loss:.4f}", acc=f"{record.val_accuracy:.4f}")
 
-    with shown:
-        run = train_setup(setup, ctx, on_epoch)
+    run = None if retrain else _kept(best, ctx, setup)
+    if run is None:
+        with shown:
+            run = train_setup(setup, ctx, on_epoch)
+    else:
+        shown.close()
     params, dropout, result, model = run.params, run.dropout, run.result, run.model
     history = [r.as_dict() for r in result.history]
     evaluated = "test" if ctx.has_split("test") else "val"
@@ -143,6 +156,7 @@ def export_best(
             "data_fingerprint": ctx.source.fingerprint,
             "tuned_value": best.value,
             "tuned_val_accuracy": best.user_attrs.get("val_accuracy"),
+            "weights_from": "retrained" if run.retrained else "the trial",
             "retrained_value": result.best_val_loss,
             "retrained_val_accuracy": result.best_val_accuracy,
             "best_epoch": result.best_epoch,
@@ -164,6 +178,38 @@ def export_best(
                 shutil.rmtree(target)
             item.replace(target)
     return manifest
+
+
+def _kept(best: optuna.trial.FrozenTrial, ctx: StudyContext, setup: TrialSetup) -> TrialRun | None:
+    """The trial's own trained weights and history, when its study kept them (None: lost or
+    never kept, e.g. a trial finished before they were): no retrain, the measured model."""
+    artifact = best.user_attrs.get(WEIGHTS) or best.user_attrs.get(ATTR + "head_artifact")
+    history = best.user_attrs.get("history")
+    if not artifact or not history or "best_epoch" not in best.user_attrs:
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "weights.safetensors"
+            download_artifact(
+                artifact_store=ctx.artifacts, file_path=str(path), artifact_id=artifact
+            )
+            state = load_file(str(path))
+    except Exception as exc:  # a lost artifact costs a retrain, not the export
+        log.warning("the weights of trial %d are unreadable (%s): retraining it", best.number,
+                    type(exc).__name__)  # fmt: skip
+        return None
+    model = ctx.build_model(setup.dropout, setup.cut)
+    if WEIGHTS in best.user_attrs:
+        model.load_state_dict(state, strict=False)
+    else:  # a head trial kept its head
+        model.get_submodule(classifier_name(model)).load_state_dict(state)
+    set_train_mode(model, False)
+    records = [EpochRecord(**r) for r in history]
+    epoch = int(best.user_attrs["best_epoch"])
+    accuracy = float(best.user_attrs.get("val_accuracy") or 0.0)
+    result = FitResult(records, epoch, float(best.value or 0.0), accuracy, state)
+    log.info("export-best: trial %d's own weights (no retrain)", best.number)
+    return TrialRun(setup.params, setup.dropout, result, model, retrained=False)
 
 
 def _data_config(ctx: StudyContext) -> dict[str, Any]:

@@ -57,6 +57,23 @@ def open_config_source(config: StudyConfig, held_out: dict[str, str] | None = No
     )
 
 
+_CACHES: dict[tuple[str, str, int | None], FeatureCache] = {}
+
+
+def shared_cache(config: StudyConfig) -> FeatureCache:
+    """The frozen-prefix cache of every context of this backbone and weights in this process:
+    ``tlopt tune``'s plan, then each stage's worker, compute a prefix's outputs once.
+
+    Its keys name the data by content and the prefix by stage mode and cut (``Inputs``); the
+    prefix's weights are the backbone's own, frozen, so one cache per backbone and weights.
+    """
+    m = config.model
+    key = (m.backbone, m.weights, m.freeze_modules)
+    if key not in _CACHES:
+        _CACHES[key] = FeatureCache()
+    return _CACHES[key]
+
+
 # What the interface does with a finished trial (the report package writes its
 # curves and note): handed in, so that the tuning layer imports no report.
 TrialDone = Callable[[optuna.Trial, "StudyContext", list[EpochRecord], TrainParams], None]
@@ -156,6 +173,7 @@ class StudyContext:
             should_stop=should_stop,
             compile=compile,
             on_trial_done=on_trial_done,
+            prefix_cache=shared_cache(config),
         )
 
     def split(self, name: str) -> ImageSet:

@@ -26,6 +26,7 @@ from tlopt.tune.runner import can_batch_heads, fit_head_trials, log_epoch, train
 from tlopt.tune.space import suggest
 
 log = logging.getLogger("tlopt.worker")
+WEIGHTS = ATTR + "weights"  # a trial's trained weights, kept when it was the study's best
 
 
 def objective(trial: optuna.Trial, ctx: StudyContext) -> float:
@@ -65,7 +66,29 @@ def objective(trial: optuna.Trial, ctx: StudyContext) -> float:
     head = run.model.get_submodule(classifier_name(run.model)) if ctx.stage.name == "head" else None
     state = head.state_dict() if head is not None else None
     seconds = time.perf_counter() - began
+    if head is None:  # the trained weights of a new best: export-best takes them, no retrain
+        _keep_if_best(trial, ctx, run.result)
     return _finish(trial, ctx, run.params, run.dropout, run.result, state, seconds)
+
+
+def _keep_if_best(trial: optuna.Trial, ctx: StudyContext, result: FitResult) -> None:
+    """Upload the trial's trained weights (its best epoch's) when it beats every complete
+    trial of its study so far; ``tlopt.weights`` names them (export-best loads them)."""
+    done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    values = [t.value for t in done if t.value is not None]
+    if values and result.best_val_loss >= min(values):
+        return
+    state = {k: v.detach().cpu().contiguous() for k, v in result.best_state.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"weights-trial{trial.number}.safetensors"
+        save_file(state, str(path))
+        artifact_id = retrying(
+            "saving the weights",
+            lambda: upload_artifact(
+                artifact_store=ctx.artifacts, file_path=str(path), study_or_trial=trial
+            ),
+        )
+    retrying("saving the weights", lambda: trial.set_user_attr(WEIGHTS, artifact_id))
 
 
 def head_objectives(

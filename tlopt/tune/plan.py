@@ -31,7 +31,7 @@ from tlopt.train.data import ImageSet
 from tlopt.train.inputs import Inputs
 from tlopt.train.ledger import Interrupted
 from tlopt.train.trainer import evaluate, fit
-from tlopt.tune.context import StudyContext, cache_dir
+from tlopt.tune.context import StudyContext, cache_dir, shared_cache
 from tlopt.tune.runner import can_batch_heads, fit_head_trials
 from tlopt.tune.space import TrialSetup, suggest
 
@@ -137,6 +137,7 @@ class _Pieces:
             mean=self.mean,
             std=self.std,
             sets=self.sets,  # the splits on the device, shared by the stages' contexts
+            prefix_cache=shared_cache(self.config),  # and the workers of this process
         )
 
 

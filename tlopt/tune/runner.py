@@ -40,6 +40,7 @@ class TrialRun:
     dropout: float
     result: FitResult
     model: nn.Module
+    retrained: bool = True  # False: export-best loaded the weights the trial kept
 
 
 def run_trial(

@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 import tlopt
-from tlopt.config import ModelConfig, PrunerConfig, StudyConfig
+from tlopt.config import AUTO_SIZE, ModelConfig, PrunerConfig, StudyConfig
 from tlopt.errors import ConfigError, StorageError, StudyError, TloptError
 from tlopt.names import ATTR, Stage, parse_stage
 from tlopt.tune.pruners import make_pruner
@@ -156,6 +156,11 @@ def create(
     problems = buildable_problems(config.model, config.pruner)
     if problems:
         raise ConfigError("\n".join(f"{key}: {problem}" for key, problem in problems))
+    if config.data.image_size == AUTO_SIZE:
+        raise ConfigError(
+            'data.image_size = "auto": only tlopt tune chooses the size (its size probe); '
+            "give a size in pixels for study create, e.g. image_size = 224"
+        )
     stage = parse_stage(stage_name)
     url = resolve_url(storage_url, config.storage.url)
     name = name or f"{config.name}/{stage.name}"

@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import NoReturn
@@ -52,6 +53,7 @@ from tlopt.tune.supervisor import worker_threads
 log = logging.getLogger("tlopt.worker")
 POLL_SECONDS = 2.0
 MAX_FAILURES_IN_A_ROW = 3
+DEADLINE_ENV = "TLOPT_DEADLINE"  # a time.time() at which the running trial stops (tune --time)
 
 
 @dataclass
@@ -70,6 +72,25 @@ class _Stop(Exception):
 # Set by SIGTERM/SIGINT. The handler only sets it: raising from a signal handler could cut a
 # storage transaction in half and leave its lock held. The trainer checks it every batch.
 STOP = threading.Event()
+
+
+def _stop_at(deadline: float) -> Callable[[], bool]:
+    """The trainer's stop check (every step): a signal, or the run's deadline passed."""
+
+    said = threading.Event()
+
+    def should_stop() -> bool:
+        if STOP.is_set():
+            return True
+        if time.time() < deadline:
+            return False
+        if not said.is_set():
+            said.set()
+            log.warning("worker %d: the run's time is up: the trial stops, queued again",
+                        os.getpid())  # fmt: skip
+        return True
+
+    return should_stop
 
 
 def _request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -92,8 +113,13 @@ def work(
     compile: bool = False,
     threads: int | None = None,
     on_trial_done: TrialDone | None = None,
+    deadline: float | None = None,
 ) -> WorkerSummary:
     """Run trials of ``study_name`` in this process until the budget or the timeout is reached.
+
+    ``timeout``: no trial starts after it (Optuna's ``timeout``). ``deadline`` (a ``time.time()``,
+    default ``$TLOPT_DEADLINE``): the trial running then stops and is queued again, as on
+    SIGTERM (``tlopt tune --time`` ends its stages there, to leave time for the export).
 
     ``heads_at_once``: in a head study, ask up to this many trials at a time and train their
     heads together (``head_objectives``); each is still reported, pruned and told on its own.
@@ -128,11 +154,13 @@ def work(
     budget = n_trials or config.n_trials
     timeout = timeout if timeout is not None else (config.timeout or None)
     STOP.clear()
+    if deadline is None and os.environ.get(DEADLINE_ENV):
+        deadline = float(os.environ[DEADLINE_ENV])
     ctx = StudyContext.open(
         study,
         device,
         progress=True,
-        should_stop=STOP.is_set,
+        should_stop=STOP.is_set if deadline is None else _stop_at(deadline),
         compile=compile,
         on_trial_done=on_trial_done,
     )
@@ -156,7 +184,9 @@ def work(
     previous = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     shown = bar(total=budget, desc=study_name, unit="trial")
     try:
-        while timeout is None or time.monotonic() - began < timeout:
+        while (timeout is None or time.monotonic() - began < timeout) and (
+            deadline is None or time.time() < deadline
+        ):
             retrying("showing progress", lambda: _show_progress(shown, study))
             if STOP.is_set():
                 raise _Stop("signal")
