@@ -544,6 +544,17 @@ def _stored_epochs(config: StudyConfig, names: list[str], url: str) -> dict[str,
     return out
 
 
+def _adopt_epochs(config: StudyConfig, names: list[str], url: str, fixed: set[str]) -> StudyConfig:
+    """A stage whose study exists keeps the epoch choices it was made with, unless the user
+    gives others (a time budget chose them: a rerun with another --time or --trials resumes)."""
+    stored = _stored_epochs(config, names, url)
+    stages = {**config.stages}
+    for st, epochs in stored.items():
+        if "*" not in fixed and st not in fixed:
+            stages[st] = {**stages.get(st, {}), "epochs": epochs}
+    return replace(config, stages=stages)
+
+
 def _allot(
     config: StudyConfig,
     names: list[str],
@@ -555,11 +566,9 @@ def _allot(
     """The time budget's share per stage; the config with the chosen epochs; the plan of it."""
     from tlopt.tune.timebox import allot
 
-    stored = _stored_epochs(config, names, url)
+    stored = _stored_epochs(config, names, url)  # adopted already (_adopt_epochs)
     keep = {st for st in names if "*" in fixed or st in fixed or st in stored}
     stages = {**config.stages}
-    for st, epochs in stored.items():  # the study's own epochs: rerun with what it was made
-        stages[st] = {**stages.get(st, {}), "epochs": epochs}
     left = _remaining(config, url)
     caps = {st: left(st) for st in names}
     measured = replace(plan, stages=tuple(
@@ -607,6 +616,7 @@ def tune(
     if config.data.image_size == AUTO_SIZE:
         share = left * PROBE_SHARE if config.time_budget else None
         config, probe = _choose_size(config, record, place, share, say)
+    config = _adopt_epochs(config, names, url, fixed)
     _check_studies(config, names, url)
     plan = _plan(config, names, url, place)
     shares: list[Allotment] = []
@@ -736,7 +746,7 @@ def _finish(
     if done:
         say("nothing to do: every stage holds its finished trials; export and report are current")
     else:
-        write_report(studies, page.parent, url, export)
+        write_report(studies, page.parent, url, export, probe)
         say(f"wrote {page}")
     keys = ("study", "stage", "trial", "evaluated_split", "accuracy")
     exported = {k: manifest.get(k) for k in keys} | {"value": best["best_value"], "kept": kept}

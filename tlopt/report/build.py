@@ -82,8 +82,11 @@ def write_report(
     out: Path,
     storage_url: str | None = None,
     export: Path | None = None,
+    size_probe: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``out/report.html`` and its PNGs for ``study_names``; returns the page's path.
+
+    ``size_probe``: ``tlopt tune``'s image size probe, ``{"chosen": px, "rows": [...]}``.
 
     Example:
         >>> write_report(["flowers/head", "flowers/freeze1"], Path("runs/report"))  # doctest: +SKIP
@@ -100,6 +103,9 @@ def write_report(
     for view, slug in zip(views, slugs, strict=True):
         contents.append((slug, f"Study {view.name}"))
         parts.append(_study_section(view, slug, draw))
+    if size_probe:
+        contents.append(("size-probe", "Image size"))
+        parts.append(_probe_section(size_probe["rows"], size_probe["chosen"]))
     if exported is not None:
         contents.append(("export", "Exported model"))
         parts.append(_export_section(exported, out))
@@ -112,6 +118,22 @@ def write_report(
     page = out / PAGE
     page.write_text(h.page("tlopt report", intro, contents, "".join(parts)), encoding="utf-8")
     return page
+
+
+def _probe_section(rows: list[dict[str, Any]], chosen: int) -> str:
+    """The size probe's table: a linear probe on the frozen features at each size."""
+    text = (
+        "tlopt tune chose the image size with a linear probe (logistic regression) on the "
+        "frozen backbone's pooled features at each size, scored on the validation split: "
+        f"the lowest validation log loss, a larger size only when 2% lower. Chosen: {chosen} px."
+    )
+    cells = [
+        (f"{r['size']} px", round(r["loss"], 4), f"{r['correct']}/{r['val']}", r["c"],
+         round(r["seconds"], 1), "chosen" if r["size"] == chosen else "")
+        for r in rows
+    ]  # fmt: skip
+    columns = ["size", "val log loss", "correct", "C", "seconds", ""]
+    return h.section("size-probe", "Image size", f"<p>{h.esc(text)}</p>" + h.table(columns, cells))
 
 
 def stage_rows(views: Sequence[StudyView]) -> list[dict[str, Any]]:

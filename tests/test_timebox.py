@@ -1,0 +1,207 @@
+"""``tlopt tune --time``: the budget shared by the probe, the plan, the stages and the export;
+``--image-size auto``; the export of the weights a trial kept."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import run_in_group
+from tests.test_tune_command import shapes_folder, tune_in_process, tune_subprocess
+from tlopt.config import StudyConfig, load_config
+from tlopt.errors import ConfigError
+from tlopt.tune.plan import Plan, StagePlan
+from tlopt.tune.size_probe import ProbeRow, candidate_sizes, choose
+from tlopt.tune.timebox import allot, export_seconds, format_duration, parse_duration
+
+TINY = ["--backbone", "test_efficientnet", "--weights", "none"]
+
+
+def test_durations_read_units_and_refuse_bare_numbers() -> None:
+    assert parse_duration("20m") == 1200 and parse_duration("1.5h") == 5400
+    assert parse_duration("1h30m") == 5400 and parse_duration("90s") == 90
+    for bad in ("20", "", "m", "-5m", "20 minutes", "0s"):
+        with pytest.raises(ConfigError, match="--time"):
+            parse_duration(bad)
+    assert [format_duration(s) for s in (1200, 5400, 90, 3600)] == ["20m", "90m", "90s", "1h"]
+
+
+def _plan(head_setup: float = 60.0) -> Plan:
+    """Hymenoptera's measured costs at 320 px on a 2-core CPU (README, the plan)."""
+    epochs = (10, 25, 50, 75, 100, 150)
+    return Plan(
+        (
+            StagePlan("head", 20, epochs, {8: 0.017, 16: 0.011, 32: 0.007}, head_setup),
+            StagePlan("freeze1", 20, epochs, {8: 48.0, 16: 49.5, 32: 74.0}, 30.0, 5.0),
+            StagePlan("freeze2", 20, epochs, {8: 16.6, 16: 17.1, 32: 20.0}, 20.0, 5.0),
+        ),
+        "cpu",
+    )
+
+
+@pytest.mark.parametrize("seconds", [300, 600, 960, 3600, 36000])
+def test_the_shares_and_the_export_fit_in_the_budget(seconds: float) -> None:
+    plan = _plan()
+    shares = allot(plan, seconds, set(), {"head": 20, "freeze1": 20, "freeze2": 20})
+    assert [a.stage for a in shares] == ["head", "freeze1", "freeze2"]
+    assert sum(a.seconds for a in shares) + export_seconds(plan) <= seconds + 1e-6
+    for a in shares:
+        assert (a.trials == 0) == (a.seconds == 0) and a.trials <= 20
+        if a.stage != "head" and a.trials:
+            assert min(a.epochs) >= 3 and max(a.epochs) <= 50  # no trial of warm-up only
+    if seconds >= 3600:  # an hour runs every stage, with a few trials each
+        assert all(a.trials >= 4 for a in shares)
+
+
+def test_a_stage_the_budget_cannot_hold_is_left_out_and_the_cheaper_one_runs() -> None:
+    caps = {"head": 20, "freeze1": 20, "freeze2": 20}
+    shares = {a.stage: a for a in allot(_plan(), 600, set(), caps)}
+    assert shares["freeze1"].trials == 0 and "left out" in shares["freeze1"].why
+    assert shares["freeze2"].trials >= 2  # a freeze2 epoch costs a third of freeze1's here
+
+
+def test_epoch_choices_given_by_the_user_are_kept() -> None:
+    plan = _plan()
+    caps = {"head": 20, "freeze1": 20, "freeze2": 20}
+    shares = allot(plan, 36000, {"head", "freeze1", "freeze2"}, caps)
+    assert all(a.epochs == (10, 25, 50, 75, 100, 150) for a in shares)
+    chosen = {a.stage: a.epochs for a in allot(plan, 3600, set(), caps)}
+    assert chosen["freeze1"] != plan.stages[1].epochs  # from the budget, not the fixed list
+
+
+def test_a_stage_that_holds_its_trials_costs_nothing() -> None:
+    shares = allot(_plan(), 3600, set(), {"head": 0, "freeze1": 20, "freeze2": 20})
+    assert (shares[0].trials, shares[0].seconds) == (0, 0.0)
+
+
+def test_the_probe_chooses_a_larger_size_only_when_it_is_clearly_better() -> None:
+    def row(size: int, loss: float) -> ProbeRow:
+        return ProbeRow(size, 1.0, loss, 0, 10, 1.0)
+
+    # hymenoptera's probe (scripts/size_probe.py, README): 288 px
+    assert choose([row(224, 0.148), row(256, 0.141), row(288, 0.094), row(320, 0.095)]) == 288
+    assert choose([row(224, 0.100), row(256, 0.099)]) == 224  # 1% lower is not worth 1.3x
+    assert candidate_sizes(224, 375) == [224, 256, 288, 320]
+    assert candidate_sizes(224, 250) == [224]  # photos no larger than 250 px: no upscaling
+    assert max(candidate_sizes(224, 8)) <= 224 and min(candidate_sizes(224, 8)) >= 32
+
+
+def test_a_study_file_reads_budget_time_and_auto_size(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('name = "s"\n[data]\nsource = "digits"\nimage_size = "auto"\n'
+                    '[budget]\ntime = "1h30m"\n')  # fmt: skip
+    config = load_config(path)
+    assert config.time_budget == 5400 and config.data.image_size == 0
+    raw = config.to_dict()
+    assert raw["budget"] == {"time": "90m"} and raw["data"]["image_size"] == "auto"
+    assert StudyConfig.from_dict(raw) == config
+    path.write_text('name = "s"\n[data]\nsource = "digits"\n[budget]\ntime = 20\n')
+    with pytest.raises(ConfigError, match="budget.time"):
+        load_config(path)
+
+
+@pytest.mark.slow  # tlopt tune on a folder, twice: the full tier
+def test_tune_keeps_its_time_budget_and_a_rerun_spends_only_what_is_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, run = shapes_folder(tmp_path / "shapes"), tmp_path / "run"
+    budget = 75.0
+    began = time.monotonic()
+    code, out, err = tune_in_process(
+        [str(data), "--out", str(run), *TINY, "--time", "75s", "--stages", "head,freeze2"],
+        capsys,
+        monkeypatch,
+    )
+    wall = time.monotonic() - began
+    assert code == 0, err
+    assert wall <= budget * 1.1, f"{wall:.1f} s for a budget of {budget} s\n{out}"
+    assert "time budget 75s" in out and "export + report" in out
+    record = json.loads((run / "run.json").read_text())
+    assert record["time"]["budget"] == budget and 0 < record["time"]["spent"] <= budget * 1.1
+    assert "image size chosen by a linear probe" in out  # a folder: --image-size auto
+    study_file = (run / "study.toml").read_text()
+    assert "# image size chosen by a linear probe" in study_file and "<- chosen" in study_file
+    assert "Image size" in (run / "report" / "report.html").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["image_size"]["chosen"] == load_config(run / "study.toml").data.image_size
+    # Again with the same budget: what is left is too little to run anything: one line, 2.
+    done = tune_subprocess([str(data), "--out", str(run), *TINY, "--time", "75s",
+                            "--stages", "head,freeze2"], timeout=120)  # fmt: skip
+    if record["time"]["spent"] > budget - 60:
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "spent" in done.stderr and "larger --time" in done.stderr
+        assert "Traceback" not in done.stderr
+    # A new budget runs: the probe's size is reused, the stages' studies resumed.
+    done = tune_subprocess([str(data), "--out", str(run), *TINY, "--time", "90s",
+                            "--stages", "head,freeze2", "--json"], timeout=200)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "chosen by this run's size probe before" in done.stderr
+    assert json.loads((run / "run.json").read_text())["time"]["budget"] == 90
+
+
+@pytest.mark.slow
+def test_a_size_given_by_the_user_is_kept_and_study_create_refuses_auto(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, run = shapes_folder(tmp_path / "shapes"), tmp_path / "run"
+    code, out, err = tune_in_process(
+        [str(data), "--out", str(run), *TINY, "--image-size", "24", "--stages", "head",
+         "--trials", "2", "--epochs", "2", "--plan-only"], capsys, monkeypatch)  # fmt: skip
+    assert code == 0, err
+    assert "size probe" not in out and "plan (measured on" in out
+    path = tmp_path / "auto.toml"
+    path.write_text(f'name = "a"\n[data]\npath = "{data}"\nimage_size = "auto"\n'
+                    '[model]\nbackbone = "test_efficientnet"\nweights = "none"\n')  # fmt: skip
+    done = run_in_group(
+        [sys.executable, "-m", "tlopt", "study", "create", "--config",
+         str(path), "--stage", "head", "--storage", f"sqlite:///{tmp_path / 'a.db'}"],
+        120, "study create")  # fmt: skip
+    assert done.returncode == 2 and "only tlopt tune chooses the size" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_export_is_the_model_the_best_trial_measured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fine-tuning trial that beats its study keeps its weights; the export loads them (no
+    retrain) and gives the validation loss the trial reported; --retrain trains again."""
+    from tlopt import load_model
+    from tlopt.export.bundle import export_best
+
+    data, run = shapes_folder(tmp_path / "shapes"), tmp_path / "run"
+    flags = [*TINY, "--image-size", "32", "--trials", "3", "--epochs", "2"]
+    code, out, err = tune_in_process(
+        [str(data), "--out", str(run), *flags, "--stages", "head,freeze2"], capsys, monkeypatch
+    )
+    assert code == 0, err
+    url = f"sqlite:///{run / 'studies.db'}"
+    study = optuna.load_study(study_name="shapes/freeze2", storage=url)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    kept = [t for t in complete if t.user_attrs.get("tlopt.weights")]
+    assert study.best_trial in kept  # the best so far when it finished: kept
+    out_dir = tmp_path / "export"
+    manifest = export_best("shapes/freeze2", out_dir, url, "cpu")
+    assert manifest["weights_from"] == "the trial" and manifest["trial"] == study.best_trial.number
+    # The exported model's loss on the validation split is the trial's value.
+    model = load_model(out_dir / "model")
+    from tlopt.tune.context import StudyContext
+
+    ctx = StudyContext.open(study, "cpu")
+    val = ctx.split("val")
+    with torch.no_grad():
+        model.eval()
+        logits = torch.cat([model(val.batch(torch.arange(i, min(i + 16, len(val)))))
+                            for i in range(0, len(val), 16)])  # fmt: skip
+    loss = float(F.cross_entropy(logits.float(), val.labels))
+    assert np.isclose(loss, study.best_value, rtol=1e-3, atol=1e-4), (loss, study.best_value)
+    again = export_best("shapes/freeze2", tmp_path / "again", url, "cpu", retrain=True)
+    assert again["weights_from"] == "retrained"
