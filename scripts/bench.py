@@ -120,7 +120,7 @@ def tlopt_rate(
         model.to(args.device)
         params = TrainParams(batch_size=args.batch_size, epochs=args.epochs, lr=1e-3)
         began = time.perf_counter()
-        fit(model, data[0], data[1], params, cache=cache)
+        fit(model, data[0], data[1], params, cache=cache, compile=args.compile)
         if args.device == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - began)
@@ -167,6 +167,7 @@ type = "median"
         n_trials=args.trials,
         device=args.device,
         heads_at_once=args.heads_at_once,
+        compile=args.compile,
         threads=args.threads,
     )
     return time.perf_counter() - began
@@ -184,6 +185,11 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=4, help="trials of each small study")
     parser.add_argument(
         "--heads-at-once", type=int, default=8, help="head trials trained together (1: one by one)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="tlopt's trials through torch.compile (CUDA graphs on a GPU), as worker --compile",
     )
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument(

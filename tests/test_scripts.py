@@ -98,6 +98,64 @@ def test_bench_bad_input_is_one_line_and_exit_2(args: list[str], needle: str) ->
     one_line_error(done, needle)
 
 
+GPU_CHECK_ROWS = [
+    "bench: usual pipeline img/s",
+    "bench: freeze1 bs-8 trial img/s, eager",
+    "bench: freeze1 bs-8 trial img/s, --compile",
+    "bench: best trial / usual pipeline",
+    "resume cpu -> cpu: history",
+    "resume cpu -> cpu -> cpu: history",
+    "bf16 against fp32: val loss",
+    "two trials in one process",
+    "--per-gpu auto slots",
+    "all checks, wall time",
+]
+
+
+@pytest.mark.slow  # the GPU claims' checks, CPU-sized: known to work when a GPU is lent
+def test_gpu_check_runs_every_check_on_the_cpu(tmp_path: Path) -> None:
+    data = digits_folder(tmp_path / "data", {"train": 16, "val": 6})
+    figures = tmp_path / "gpu-check.json"
+    done = run_in_group(
+        [
+            sys.executable, str(SCRIPTS / "gpu_check.py"), "--device", "cpu", "--small",
+            "--data", str(data), "--json", str(figures),
+        ],
+        240,
+        "scripts/gpu_check.py",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(figures.read_text())
+    assert [r["check"] for r in rows] == GPU_CHECK_ROWS
+    status = {r["check"]: r["status"] for r in rows}
+    assert all(s in ("PASS", "SKIP", "INFO") for s in status.values()), rows
+    judged = ("resume cpu -> cpu: history", "resume cpu -> cpu -> cpu: history")
+    assert all(status[c] == "PASS" for c in (*judged, "two trials in one process")), rows
+    assert status["--per-gpu auto slots"] == "SKIP"  # no CUDA device: said, not hidden
+    lines = done.stdout.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("check ")) :]
+    assert len(table) == 1 + len(GPU_CHECK_ROWS), done.stdout
+    for row, line in zip(rows, table[1:], strict=True):
+        assert line.startswith(row["check"]) and line.rstrip().endswith(row["status"]), line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--device", "cuda"], "--device cuda: no CUDA device is visible"),
+        (["--device", "cpu", "--epochs", "2"], "--epochs 2: give 3 or more"),
+        (["--device", "cpu", "--data", "."], "give a folder with train/ and val/"),
+    ],
+)
+def test_gpu_check_bad_input_is_one_line_and_exit_2(
+    args: list[str], needle: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # "no GPU" also where the suite has one
+    done = run_in_group([sys.executable, str(SCRIPTS / "gpu_check.py"), *args], 120, "gpu_check")
+    one_line_error(done, needle)
+
+
 @pytest.mark.slow
 def test_finetune_ablation_builds_every_variant_on_the_study_space(tmp_path: Path) -> None:
     from tlopt.config import load_config
