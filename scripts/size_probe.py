@@ -8,7 +8,8 @@ image and its mirror image to pooled features, and a logistic regression (scikit
 per C) is scored on the validation split. The head stage is such a probe, so a size that gives a
 lower probe loss gives a better head, and the fine-tuning stages start from it. Bigger images
 cost about (size / 224) ** 2 as much per epoch. Prints one row per size: seconds, then each C's
-validation log loss and correct images.
+validation log loss and correct images. ``tlopt tune --image-size auto`` runs the same probe
+(tlopt.tune.size_probe), the lowest loss over C per size, and chooses the size.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import time
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 
 from tlopt.config import load_config
 from tlopt.data.cache import decode_source, labels, split_indices
@@ -28,26 +28,13 @@ from tlopt.export.descriptors import predict
 from tlopt.models.backbones import create_backbone, normalization
 from tlopt.train.data import ImageSet
 from tlopt.tune.context import cache_dir, open_config_source
-
-C_VALUES = (0.1, 1.0)
+from tlopt.tune.size_probe import C_VALUES, probe_fit
 
 
 def descriptors(model: torch.nn.Module, pixels: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The export's descriptors (timm's pooled pre-logits) of uint8 NHWC ``pixels``."""
     mean, std = normalization(model)
     return predict(model, ImageSet.from_arrays(pixels, y, mean, std))[0]
-
-
-def probe(
-    train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], c: float
-) -> tuple[float, int]:
-    """Validation log loss and correct count of a logistic regression fitted at ``c``."""
-    clf = LogisticRegression(C=c, max_iter=5000).fit(*train)
-    p = clf.predict_proba(val[0])
-    picked = p[np.arange(len(val[1])), np.searchsorted(clf.classes_, val[1])]
-    return float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0)))), int(
-        (clf.classes_[p.argmax(1)] == val[1]).sum()
-    )
 
 
 def main() -> int:
@@ -92,7 +79,7 @@ def main() -> int:
         x = np.concatenate([descriptors(model, tr, ytr), descriptors(model, mirrored, ytr)])
         train = (x, np.concatenate([ytr, ytr]))
         val = (descriptors(model, pixels[index["val"]], y[index["val"]]), y[index["val"]])
-        cells = [probe(train, val, c) for c in C_VALUES]
+        cells = [probe_fit(train, val, c) for c in C_VALUES]
         row = "  ".join(f"{loss:.4f} / {hits}" for loss, hits in cells)
         print(f"{size:>5d} px  {time.perf_counter() - start:6.1f} s  {row}", flush=True)
     return 0

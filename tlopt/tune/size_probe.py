@@ -80,7 +80,7 @@ def candidate_sizes(native: int, side: int) -> list[int]:
     return sorted(s for s in sizes if s <= native)
 
 
-def _probe_fit(
+def probe_fit(
     train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], c: float
 ) -> tuple[float, int]:
     """Validation log loss and correct count of a logistic regression fitted at ``c``."""
@@ -128,7 +128,7 @@ def probe_sizes(
         if mirror:  # the head trains on mirrors too: so does the probe
             x, yy = np.concatenate([x, features(tr[:, :, ::-1], ytr)]), np.concatenate([ytr, ytr])
         val = (features(pixels[index["val"]], y[index["val"]]), y[index["val"]])
-        (loss, hits), c = min((_probe_fit((x, yy), val, c), c) for c in C_VALUES)
+        (loss, hits), c = min((probe_fit((x, yy), val, c), c) for c in C_VALUES)
         row = ProbeRow(size, time.perf_counter() - start, loss, hits, len(val[1]), c)
         say(f"size probe: {size:>4} px  val loss {loss:.4f}  {hits}/{row.val} correct  "
             f"({row.seconds:.0f} s)")  # fmt: skip
