@@ -48,6 +48,9 @@ if TYPE_CHECKING:
     from tlopt.tune.plan import Plan
 
 MIN_TIME_S = 60.0  # a time budget with less than this left runs nothing
+# A folder run without --time, --trials or --epochs: what a user waits for on one GPU; the
+# plan shows what it buys (on a 2-core CPU a few short trials per stage).
+DEFAULT_TIME = "1h"
 DEFAULT_STAGES = "head,freeze1,freeze2"  # the reference projects' stages
 FOLDER_DEFAULTS = {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "image_size": "auto"}
 SUMMARY = "summary.json"
@@ -137,6 +140,9 @@ def build_config(
     for key, value in ((k, v) for k, v in flags.items() if v is not None):
         table = raw.setdefault(where[key], {}) if key in where else raw
         table["n_trials" if key == "trials" else key] = value
+    if time_budget is None and config_file is None and not (flags.get("trials") or
+                                                            flags.get("epochs")):  # fmt: skip
+        time_budget = DEFAULT_TIME  # a folder at the defaults: a budget, not a fixed list
     if time_budget is not None:
         raw["budget"] = {"time": time_budget}
     every = "epochs" in raw.get("search", {})  # --epochs or the file's [search]: every stage
@@ -603,6 +609,8 @@ def tune(
 
     began = time.monotonic()
     plan_only = bool(flags.pop("plan_only", False))
+    if config_file is None and not any(flags.get(k) for k in ("time", "trials", "epochs")):
+        say(f"no --time, --trials or --epochs: a budget of {DEFAULT_TIME} (--time sets another)")
     place, names, out = place or Placement(), parse_stages(stages), out.expanduser()
     place = _threads_now(place)
     if out.exists() and not out.is_dir():
@@ -647,7 +655,9 @@ def tune(
             spent = spent_before + time.monotonic() - began
             record["time"] = {"budget": config.time_budget, "spent": round(spent, 1)}
             (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-            say(f"time: {spent / 60:.1f} min of {format_duration(config.time_budget)} spent")
+            over = spent - config.time_budget
+            note = f", {over:.0f} s ({over / config.time_budget:.1%}) over" if over > 0 else ""
+            say(f"time: {spent / 60:.1f} min of {format_duration(config.time_budget)} spent{note}")
 
 
 def _run_stages(
