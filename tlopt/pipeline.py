@@ -381,6 +381,17 @@ def _but_budget(config: Any, stage: str) -> Any:
     return rest
 
 
+def _check_order(config: StudyConfig, names: list[str], url: str) -> None:
+    """A fine-tuning stage needs the head stage first (in --stages, or its study exists)."""
+    db = sqlite_path(url)
+    existing = [] if db is not None and not db.exists() else study_names(open_storage(url))
+    if "head" in names or f"{config.name}/head" in existing:
+        return
+    for stage in names:
+        if fine_tunes_from_head(stage):
+            raise ConfigError(f"stage '{stage}' starts from the best head: --stages head,{stage}")
+
+
 def _check_studies(config: StudyConfig, names: list[str], url: str) -> None:
     """Before anything runs: a study of this name holds this config, and head comes first."""
     db = sqlite_path(url)  # a new run's SQLite file does not exist yet: no studies in it
@@ -609,8 +620,7 @@ def tune(
 
     began = time.monotonic()
     plan_only = bool(flags.pop("plan_only", False))
-    if config_file is None and not any(flags.get(k) for k in ("time", "trials", "epochs")):
-        say(f"no --time, --trials or --epochs: a budget of {DEFAULT_TIME} (--time sets another)")
+    defaulted = config_file is None and not any(flags.get(k) for k in ("time", "trials", "epochs"))
     place, names, out = place or Placement(), parse_stages(stages), out.expanduser()
     place = _threads_now(place)
     if out.exists() and not out.is_dir():
@@ -620,6 +630,9 @@ def tune(
     open_config_source(config)  # the data's one-line errors, before anything is written
     record = _read_record(out)
     left, spent_before = _time_left(config, record) if config.time_budget else (0.0, 0.0)
+    _check_order(config, names, url)  # before the probe spends anything
+    if defaulted:
+        say(f"no --time, --trials or --epochs: a budget of {DEFAULT_TIME} (--time sets another)")
     probe: dict[str, Any] | None = None
     if config.data.image_size == AUTO_SIZE:
         share = left * PROBE_SHARE if config.time_budget else None
