@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,18 +129,24 @@ def tlopt_rate(
     return len(data[0]) * args.epochs / seconds[1], max(seconds[0] - seconds[1], 0.0)
 
 
-def study_seconds(args: argparse.Namespace, stage: str, work_dir: Path) -> float:
+def study_seconds(
+    args: argparse.Namespace, stage: str, work_dir: Path
+) -> tuple[float, list[tuple[int, int]]]:
+    """(wall seconds of a small study of ``stage``, each finished trial's (batch size, epochs
+    it trained)): the trials the usual pipeline is timed on."""
     from tlopt.config import load_config
     from tlopt.tune import study as studies
     from tlopt.tune.worker import work
 
+    head = stage == "head"
+    trials, epochs = (args.head_trials, args.head_epochs) if head else (args.trials, args.epochs)
     config = work_dir / "bench.toml"
     source = (
         'source = "digits"' if args.data is None else f'source = "folder"\npath = "{args.data}"'
     )
     config.write_text(f"""
 name = "bench"
-n_trials = {args.trials}
+n_trials = {trials}
 [data]
 {source}
 image_size = {args.image_size}
@@ -149,7 +156,7 @@ backbone = "{args.model}"
 weights = "{args.weights}"
 [search]
 batch_size = [8, 16, 32]
-epochs = [{args.epochs}]
+epochs = [{epochs}]
 decay = ["constant", "step", "polynomial", "exponential"]
 [pruner]
 type = "median"
@@ -164,13 +171,23 @@ type = "median"
     work(
         f"bench/{stage}",
         url,
-        n_trials=args.trials,
+        n_trials=trials,
         device=args.device,
         heads_at_once=args.heads_at_once,
         compile=args.compile,
         threads=args.threads,
     )
-    return time.perf_counter() - began
+    seconds = time.perf_counter() - began
+    done = studies.load(f"bench/{stage}", url).get_trials(deepcopy=False, states=studies.FINISHED)
+    ran = [(int(t.params.get("batch_size", args.batch_size)), _epochs_run(t)) for t in done]
+    return seconds, ran
+
+
+def _epochs_run(trial: Any) -> int:
+    """The epochs a finished trial trained (a pruned one: up to its last report)."""
+    if "epochs_run" in trial.user_attrs:
+        return int(trial.user_attrs["epochs_run"])
+    return max((step for step in trial.intermediate_values if step > 0), default=0)
 
 
 def main() -> int:
@@ -182,7 +199,13 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--trials", type=int, default=4, help="trials of each small study")
+    parser.add_argument(
+        "--trials", type=int, default=4, help="trials of each fine-tuning stage's small study"
+    )
+    parser.add_argument("--head-trials", type=int, default=16, help="trials of the head study")
+    parser.add_argument(
+        "--head-epochs", type=int, default=10, help="epochs of each head trial (cheap: cached)"
+    )
     parser.add_argument(
         "--heads-at-once", type=int, default=8, help="head trials trained together (1: one by one)"
     )
@@ -206,7 +229,8 @@ def main() -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    counts = ("image_size", "batch_size", "epochs", "trials", "heads_at_once", "threads")
+    counts = ["image_size", "batch_size", "epochs", "trials", "heads_at_once", "threads"]
+    counts += ["head_trials", "head_epochs"]
     for name in counts:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             option = "--" + name.replace("_", "-")
@@ -253,6 +277,7 @@ def _bench(args: argparse.Namespace) -> int:
             "stages": {},
         }
         n_train = len(data[0])
+        report["train_images"] = n_train
         print(
             f"{'stage':<9}{'baseline img/s':>15}{'tlopt img/s':>13}{'ratio':>8}{'prefix s':>10}"
             f"{'study s':>9}{'baseline study s':>18}{'study ratio':>13}"
@@ -260,9 +285,14 @@ def _bench(args: argparse.Namespace) -> int:
         for stage in args.stages.split(","):
             base = baseline(args, folder, stage, mean, std)
             fast, prefix = tlopt_rate(args, data, stage)  # type: ignore[arg-type]
-            seconds = study_seconds(args, stage, work_dir)
-            # The usual pipeline's study: every trial trains its epochs at the measured rate.
-            base_study = args.trials * args.epochs * n_train / base
+            seconds, ran = study_seconds(args, stage, work_dir)
+            # The usual pipeline's study: the same trials, each at its batch size's rate for
+            # the epochs it trained in tlopt's study (its rate measured at each batch size).
+            rates = {args.batch_size: base}
+            for bs in sorted({bs for bs, _ in ran} - set(rates)):
+                rates[bs] = baseline(argparse.Namespace(**{**vars(args), "batch_size": bs}),
+                                     folder, stage, mean, std)  # fmt: skip
+            base_study = sum(epochs * n_train / rates[bs] for bs, epochs in ran)
             report["stages"][stage] = {
                 "baseline_img_s": round(base, 1),
                 "tlopt_img_s": round(fast, 1),
@@ -271,6 +301,8 @@ def _bench(args: argparse.Namespace) -> int:
                 "study_s": round(seconds, 1),
                 "baseline_study_s": round(base_study, 1),
                 "study_ratio": round(base_study / seconds, 2),
+                "baseline_img_s_by_batch_size": {bs: round(r, 1) for bs, r in rates.items()},
+                "trials": [{"batch_size": bs, "epochs": e} for bs, e in ran],
             }
             print(
                 f"{stage:<9}{base:>15.1f}{fast:>13.1f}{fast / base:>8.2f}{prefix:>10.1f}"
@@ -278,8 +310,10 @@ def _bench(args: argparse.Namespace) -> int:
                 flush=True,
             )
         print(
-            f"({args.trials} trials of {args.epochs} epochs on {n_train} training images; "
-            "baseline study s = trials x epochs x images / baseline img/s)"
+            f"(studies: head {args.head_trials} trials of {args.head_epochs} epochs, the others "
+            f"{args.trials} of {args.epochs}, on {n_train} training images; baseline study s = "
+            "the same trials, each trial's epochs x images / the baseline's img/s at its batch "
+            "size)"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

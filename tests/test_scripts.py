@@ -67,8 +67,9 @@ def test_bench_times_both_pipelines_and_a_study_per_stage(tmp_path: Path) -> Non
         [
             sys.executable, str(SCRIPTS / "bench.py"), "--device", "cpu", "--data", str(data),
             "--model", "test_efficientnet", "--weights", "none", "--image-size", "16",
-            "--batch-size", "8", "--epochs", "1", "--trials", "1", "--workers", "0",
-            "--stages", "head,freeze1", "--json", str(figures),
+            "--batch-size", "8", "--epochs", "1", "--trials", "2", "--workers", "0",
+            "--head-trials", "3", "--head-epochs", "2", "--stages", "head,freeze1",
+            "--json", str(figures),
         ],
         240,
         "scripts/bench.py",
@@ -78,6 +79,14 @@ def test_bench_times_both_pipelines_and_a_study_per_stage(tmp_path: Path) -> Non
     assert list(report["stages"]) == ["head", "freeze1"] and report["threads"] >= 1
     for row in report["stages"].values():
         assert row["baseline_img_s"] > 0 and row["tlopt_img_s"] > 0 and row["study_s"] > 0
+    # The usual pipeline is timed on the same trials: each at its batch size's measured rate.
+    assert len(report["stages"]["head"]["trials"]) == 3
+    assert len(report["stages"]["freeze1"]["trials"]) == 2
+    for row in report["stages"].values():
+        rates = {int(bs): r for bs, r in row["baseline_img_s_by_batch_size"].items()}
+        n = report["train_images"]
+        expected = sum(t["epochs"] * n / rates[t["batch_size"]] for t in row["trials"])
+        assert row["baseline_study_s"] == pytest.approx(expected, rel=0.02, abs=0.2)
     printed = [line.split()[0] for line in done.stdout.splitlines()]
     assert "head" in printed and "freeze1" in printed
 
