@@ -231,3 +231,34 @@ def test_fine_tuning_stages_default_to_fine_tuning_rates(tmp_path: Path) -> None
     assert (freeze2.lr, freeze2.warmup_epochs, freeze2.layer_decay) == ((5e-5,), (0,), (0.7,))
     scratch = config.space_for("scratch")
     assert scratch.lr == head.lr and scratch.warmup_epochs == (0.0,)
+
+
+@pytest.mark.slow  # two studies trained in this process: the full tier
+def test_the_start_of_a_fine_tuning_stage_is_validated_once_per_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every trial of a worker starts from the same head: epoch 0 is evaluated by the first
+    trial and recorded from memory by the others (one validation pass less per trial)."""
+    from tests.conftest import TINY_DATA_MODEL
+    from tlopt.config import load_config
+    from tlopt.train import trainer
+    from tlopt.tune import study as studies
+    from tlopt.tune.worker import work
+
+    path = tmp_path / "s.toml"
+    path.write_text('name = "s"\nseed = 0\nn_trials = 3\n' + TINY_DATA_MODEL
+                    + '[search]\nepochs = [1]\nbatch_size = [16]\n')  # fmt: skip
+    url, config = f"sqlite:///{tmp_path / 's.db'}", load_config(path)
+    studies.create(config, "head", url)
+    work("s/head", url, n_trials=1, device="cpu")
+    studies.create(config, "freeze2", url)
+    calls = []
+    evaluate = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
+    work("s/freeze2", url, n_trials=3, device="cpu")
+    trials = studies.load("s/freeze2", url).trials
+    starts = [t.user_attrs["history"][0] for t in trials]
+    figures = [(s["epoch"], s["val_loss"], s["val_accuracy"]) for s in starts]
+    assert len(trials) == 3 and all(f == figures[0] for f in figures), figures
+    assert starts[0]["epoch"] == 0 and starts[0]["val_loss"] > 0
+    assert len(calls) == 3 + 1  # one epoch each, and the start once

@@ -138,7 +138,7 @@ def fit(
     cache: FeatureCache | None = None,
     should_stop: Callable[[], bool] | None = None,
     compile: bool = False,
-    record_start: bool = False,
+    record_start: bool | tuple[float, float] = False,
 ) -> FitResult:
     """Train the trainable part of ``model`` and keep the weights of the best validation epoch.
 
@@ -160,7 +160,9 @@ def fit(
             torch's guards (unmeasured without a GPU).
         record_start: evaluate the model before the first step and record it as epoch 0
             (train figures NaN, learning rate 0): where a fine-tuning stage starts, i.e. the
-            head it inherited. Epoch 0 never counts as the best epoch.
+            head it inherited. Epoch 0 never counts as the best epoch. A (val loss, val
+            accuracy) pair: that start, measured by an earlier trial from the same weights,
+            recorded without a second validation pass.
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite (checked once an epoch: a check per
@@ -188,9 +190,10 @@ def fit(
         _set_rng_states(resume, generator, device, seed, ledger.next_epoch + 1)
     elif record_start:
         began = time.perf_counter()
-        record = ledger.record_start(
-            *evaluate(split, val_in, val.labels), time.perf_counter() - began
+        start = (
+            record_start if isinstance(record_start, tuple) else evaluate(split, val_in, val.labels)
         )
+        record = ledger.record_start(start[0], start[1], time.perf_counter() - began)
         if on_epoch is not None:
             on_epoch(record, lambda: {})
 

@@ -109,6 +109,7 @@ class StudyContext:
     sets: dict[str, ImageSet] = field(default_factory=dict)
     prefix_cache: FeatureCache = field(default_factory=FeatureCache)  # shared by the trials
     pooled_heads: dict[bool, Any] = field(default_factory=dict)  # runner: head trials' start
+    starts: dict[int | None, tuple[float, float]] = field(default_factory=dict)  # by cut
 
     @classmethod
     def open(

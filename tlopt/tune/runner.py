@@ -84,18 +84,28 @@ def train_setup(
         model.get_submodule(classifier_name(model)).load_state_dict(result.best_state)
         return TrialRun(setup.params, setup.dropout, result, model)
     model = ctx.build_model(setup.dropout, setup.cut)
+    # Where a fine-tuning trial starts (the head, evaluated before any step) is the same for
+    # every trial of the context at a cut: validated once, then recorded from memory.
+    start: bool | tuple[float, float] = ctx.starts.get(setup.cut, ctx.stage.from_head)
+
+    def noted(record: EpochRecord, checkpoint: Callable[[], dict[str, Any]]) -> None:
+        if record.epoch == 0:
+            ctx.starts[setup.cut] = (record.val_loss, record.val_accuracy)
+        if on_epoch is not None:
+            on_epoch(record, checkpoint)
+
     result = fit(
         model,
         ctx.split("train"),
         ctx.split("val"),
         setup.params,
         seed=ctx.config.seed,
-        on_epoch=on_epoch,
+        on_epoch=noted,
         cache=ctx.prefix_cache,
         resume=resume,
         should_stop=ctx.should_stop,
         compile=ctx.compile,
-        record_start=ctx.stage.from_head,
+        record_start=start,
     )
     return TrialRun(setup.params, setup.dropout, result, model)
 
