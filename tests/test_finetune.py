@@ -12,15 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from optuna.trial import FixedTrial
 
 from tests.test_trainer import SIZE, digits  # noqa: F401  (the module-scoped fixture)
 from tlopt.config import load_config
+from tlopt.errors import ConfigError
 from tlopt.models.backbones import classifier_name, create_backbone
 from tlopt.models.stages import apply_stage, parse_stage
 from tlopt.schedules import layer_scales, warmup_factor
 from tlopt.train.data import ImageSet
-from tlopt.train.ledger import TrainParams
+from tlopt.train.ledger import Ledger, TrainParams
 from tlopt.train.trainer import fit, param_groups
+from tlopt.tune.space import suggest
 from tlopt.tune.study import head_lost
 
 assert SIZE  # the digits fixture's image size
@@ -262,3 +265,51 @@ def test_the_start_of_a_fine_tuning_stage_is_validated_once_per_worker(
     assert len(trials) == 3 and all(f == figures[0] for f in figures), figures
     assert starts[0]["epoch"] == 0 and starts[0]["val_loss"] > 0
     assert len(calls) == 3 + 1  # one epoch each, and the start once
+
+
+def _epoch_movement(params: TrainParams, epoch: int, n: int = 256) -> float:
+    """The rates of an epoch's steps summed: how far Adam (about the rate a step) moves a weight."""
+    ledger = Ledger(params)
+    steps = ledger.steps(n)
+    ledger.begin_epoch(epoch)
+    return sum(ledger.step_lr(epoch, s, steps) for s in range(steps))
+
+
+def test_a_fine_tuning_epoch_moves_as_far_at_every_batch_size(tmp_path: Path) -> None:
+    """Issue 21.6: at the written rate, an epoch at batch size 8 took four times the steps of
+    one at 32 and moved the backbone 3.7 times as far in its warm-up epoch. A fine-tuning
+    stage's rate is the rate at batch size 32; [search] lr_batch_size = 0 keeps it as written."""
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[data]\nsource = "digits"\n[search]\nlr = [1e-3]\nepochs = [3]\ndecay = ["constant"]\n'
+    )
+    config = load_config(path)
+    for stage in ("freeze1", "freeze2"):
+        space = config.space_for(stage)
+        assert space.lr_batch_size == 32
+        moved = {
+            bs: [
+                _epoch_movement(suggest(FixedTrial({"batch_size": bs}), space, stage).params, e)
+                for e in (0, 1)
+            ]
+            for bs in (8, 16, 32)
+        }
+        for bs in (8, 16):
+            warm, full = (moved[bs][e] / moved[32][e] for e in (0, 1))
+            assert 0.85 < warm < 1.15, (stage, bs, warm)  # the warm-up epoch
+            assert full == pytest.approx(1.0)  # the epochs after it
+    assert config.space_for("head").lr_batch_size == 0  # a head's rate is as written
+    path.write_text(path.read_text() + "lr_batch_size = 0\n")
+    space = load_config(path).space_for("freeze2")
+    as_written = [
+        _epoch_movement(suggest(FixedTrial({"batch_size": bs}), space, "freeze2").params, 1)
+        for bs in (8, 32)
+    ]
+    assert as_written[0] == pytest.approx(4 * as_written[1])
+
+
+def test_lr_batch_size_must_be_a_whole_number(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('[data]\nsource = "digits"\n[stages.freeze2]\nlr_batch_size = 0.5\n')
+    with pytest.raises(ConfigError, match=r"stages\.freeze2\.lr_batch_size: 0\.5 is not a whole"):
+        load_config(path)

@@ -332,6 +332,17 @@ class Parser:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             self.fail(f"{w}patience", f"{patience!r} is not a whole number >= 0 (0: off)")
             patience = base.patience
+        lr_batch_size = raw.get("lr_batch_size", base.lr_batch_size)
+        if (
+            isinstance(lr_batch_size, bool)
+            or not isinstance(lr_batch_size, int)
+            or not 0 <= lr_batch_size <= 65_536
+        ):
+            self.fail(
+                f"{w}lr_batch_size",
+                f"{lr_batch_size!r} is not a whole number in [0, 65536] (0: lr as written)",
+            )
+            lr_batch_size = base.lr_batch_size
 
         def boolean(v: Any) -> str | None:
             return None if isinstance(v, bool) else f"{v!r} must be true or false"
@@ -363,6 +374,7 @@ class Parser:
             layer_decay=self.choices(
                 raw, "layer_decay", base.layer_decay, w, real(0, 1, low_open=True)
             ),
+            lr_batch_size=lr_batch_size,
             label_smoothing=self.choices(
                 raw, "label_smoothing", base.label_smoothing, w, real(0, 0.5)
             ),

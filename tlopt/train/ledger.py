@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tlopt.schedules import lr_factor, warmup_factor
+from tlopt.schedules import batch_scale, lr_factor, warmup_factor
 
 
 class Interrupted(RuntimeError):
@@ -44,6 +44,7 @@ class TrainParams:
     bn_train: bool = False  # BatchNorm in train mode (batch statistics); see set_train_mode
     warmup_epochs: float = 0.0  # linear warm-up of the rate, per step (fractions allowed)
     layer_decay: float = 1.0  # rate scale per timm block group from the head down; 1: off
+    lr_batch_size: int = 0  # lr is the rate at this batch size (batch_scale); 0: as written
     label_smoothing: float = 0.0  # of the training loss; validation loss stays plain
     crop_scale: float = 1.0  # random-resized crops keep at least this share of the image; 1: off
 
@@ -109,7 +110,8 @@ class Ledger:
 
     def begin_epoch(self, epoch: int) -> None:
         p = self.params
-        self._epoch_lr = p.lr * lr_factor(p.decay, epoch, p.epochs, **p.decay_params)
+        scale = batch_scale(p.batch_size, p.lr_batch_size)
+        self._epoch_lr = p.lr * scale * lr_factor(p.decay, epoch, p.epochs, **p.decay_params)
 
     def step_lr(self, epoch: int, step: int, steps: int) -> float:
         """The rate of step ``step`` (0-based) of ``steps`` in ``epoch``: decay, then warm-up."""

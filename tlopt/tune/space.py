@@ -58,6 +58,7 @@ def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace, stage: str = "hea
         bn_train=space.bn_train if space.bn_train is not None else stage == "scratch",
         warmup_epochs=float(_pick(trial, "warmup_epochs", space.warmup_epochs)),
         layer_decay=float(_pick(trial, "layer_decay", space.layer_decay)),
+        lr_batch_size=space.lr_batch_size,
         label_smoothing=float(_pick(trial, "label_smoothing", space.label_smoothing)),
         crop_scale=float(_pick(trial, "crop_scale", space.crop_scale)),
     )
