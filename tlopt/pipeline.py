@@ -279,7 +279,10 @@ def _stage(
         say(f"stage {stage}: '{name}' holds {before} of {budget} finished trials: nothing to run")
     else:
         join = f"tlopt worker --study {name} --storage {mask_url(url)}"
-        say(f"stage {stage}: running {budget - before} of {budget} trials (more workers: {join})")
+        what = f"{budget - before} of {budget} trials"
+        if box is not None:
+            what = f"trials for {max(0.0, box[0]) / 60:.1f} min (up to {budget - before})"
+        say(f"stage {stage}: running {what} (more workers: {join})")
         seconds = None if box is None else max(1.0, box[0])
         with _environ(DEADLINE_ENV, None if box is None else repr(box[1])):
             if not (p.gpus or p.processes > 1):
@@ -303,7 +306,7 @@ def _stage(
             f"stage {stage} stopped at {after} of {budget} trials: run again to resume"
         )
     if after < budget:
-        say(f"stage {stage}: its time is up after {after} of {budget} trials")
+        say(f"stage {stage}: its time is up after {after - before} trials ({after} finished)")
     if not any(t.state.name == "COMPLETE" for t in load(name, url).get_trials(deepcopy=False)):
         say(f"stage {stage}: no trial completed in its time: a longer --time runs it")
         return None
@@ -707,8 +710,10 @@ def _run_stages(
             say(f"stage {stage}: left out: {max(0.0, stop - now) / 60:.1f} min are left before "
                 f"the export and a trial costs {per / 60:.1f} min here")  # fmt: skip
             continue
-        # The stage's budget: what it holds plus its share's trials.
-        staged = replace(config, n_trials=max(1, a.trials + _finished_if_any(config, stage, url)))
+        # The stage runs trials (up to its trial budget) until its time is up: the share's
+        # count is what the plan expects, and a stage whose trials run faster runs more.
+        cap = max(a.trials, _remaining(config, url)(stage))
+        staged = replace(config, n_trials=max(1, cap + _finished_if_any(config, stage, url)))
         deadline = time.time() + stop - time.monotonic()
         row = _stage(staged, stage, url, place, say, (seconds, deadline))
         if STOP.is_set():  # Ctrl-C or SIGTERM, not the deadline: the run stops here

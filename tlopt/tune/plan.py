@@ -94,7 +94,7 @@ def make_plan(
     from tlopt.tune.context import open_config_source
 
     source = open_config_source(config)
-    pieces = _Pieces(config, source, device)
+    pieces = Pieces(config, source, device)
     rows = []
     for name in stages:
         space, trials = config.space_for(name), remaining(name)
@@ -105,7 +105,7 @@ def make_plan(
     return Plan(tuple(rows), str(pieces.device))
 
 
-class _Pieces:
+class Pieces:
     """The data on the device, decoded once, for the contexts of every stage."""
 
     def __init__(self, config: StudyConfig, source: Source, device: str | None):

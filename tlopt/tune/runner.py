@@ -132,7 +132,7 @@ def fit_head_trials(
     on_done: Callable[[int, FitResult | BaseException], None] | None = None,
 ) -> list[FitResult | BaseException]:
     """``fit_heads`` over the study's cached pooled features."""
-    ready = _pooled_features(ctx, mirror=any(ctx.space.flip))
+    ready = pooled_features(ctx, mirror=any(ctx.space.flip))
     assert ready is not None, "can_batch_heads said yes"
     weight, bias, features, val_features = ready
     return fit_heads(
@@ -158,13 +158,13 @@ def can_batch_heads(ctx: StudyContext) -> bool:
     """
     if ctx.stage.name != "head" or ctx.space.cut or min(ctx.space.crop_scale) < 1:
         return False
-    return _pooled_features(ctx, mirror=any(ctx.space.flip)) is not None
+    return pooled_features(ctx, mirror=any(ctx.space.flip)) is not None
 
 
 Pooled = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _pooled_features(ctx: StudyContext, mirror: bool) -> Pooled | None:
+def pooled_features(ctx: StudyContext, mirror: bool) -> Pooled | None:
     """(seeded initial head weight and bias, train features, val features) or None.
 
     Kept in the study's prefix cache: every batch of head trials starts from the same seeded

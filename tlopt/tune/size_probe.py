@@ -14,9 +14,10 @@ about (size / smaller) ** 2 as much per epoch).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,14 +105,34 @@ def probe_sizes(
     index, y = split_indices(source), labels(source)
     if "val" not in index or not len(index["val"]):
         raise DataError("the size probe needs a validation split: give the data a val/ folder")
-    model = create_backbone(config.model.backbone, config.model.weights, len(source.classes))
-    model.eval().to(device)
-    mean, std = normalization(model)
     mirror = any(config.search.flip)
 
+    @functools.cache
+    def backbone() -> torch.nn.Module:
+        model = create_backbone(config.model.backbone, config.model.weights, len(source.classes))
+        return model.eval().to(device)
+
     def features(pixels: np.ndarray, yy: np.ndarray) -> np.ndarray:
+        mean, std = normalization(backbone())
         data = ImageSet.from_arrays(pixels, yy, mean, std, torch.device(device))
-        return predict(model, data)[0]
+        return predict(backbone(), data)[0]
+
+    def pooled(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """Train (and mirror) and val features as the head stage computes them, into the
+        process's frozen-feature cache: the chosen size's serve the plan and the head worker.
+        None: the backbone's head is not a linear layer on pooled features."""
+        from tlopt.tune.plan import Pieces
+        from tlopt.tune.runner import pooled_features
+
+        at = replace(config, data=replace(config.data, image_size=size))
+        ctx = Pieces(at, source, str(device)).context("head")
+        ready = pooled_features(ctx, mirror)
+        if ready is None:
+            return None
+        train, val = ready[2].cpu().numpy(), ready[3].cpu().numpy()
+        ytr = ctx.split("train").labels.cpu().numpy()
+        x = train.reshape(-1, train.shape[-1])
+        return x, np.tile(ytr, train.shape[0]), val, ctx.split("val").labels.cpu().numpy()
 
     rows: list[ProbeRow] = []
     began = time.perf_counter()
@@ -122,12 +143,16 @@ def probe_sizes(
                 say(f"size probe: {size} px left out (about {expected:.0f} s; its share is spent)")
                 break
         start = time.perf_counter()
-        pixels = decode_source(source, size, cache)
-        tr, ytr = pixels[index["train"]], y[index["train"]]
-        x, yy = features(tr, ytr), ytr
-        if mirror:  # the head trains on mirrors too: so does the probe
-            x, yy = np.concatenate([x, features(tr[:, :, ::-1], ytr)]), np.concatenate([ytr, ytr])
-        val = (features(pixels[index["val"]], y[index["val"]]), y[index["val"]])
+        if (got := pooled(size)) is not None:
+            x, yy, val = got[0], got[1], (got[2], got[3])
+        else:  # another head (e.g. a cut backbone's): the export's descriptors
+            pixels = decode_source(source, size, cache)
+            tr, ytr = pixels[index["train"]], y[index["train"]]
+            x, yy = features(tr, ytr), ytr
+            if mirror:  # the head trains on mirrors too: so does the probe
+                x = np.concatenate([x, features(tr[:, :, ::-1], ytr)])
+                yy = np.concatenate([ytr, ytr])
+            val = (features(pixels[index["val"]], y[index["val"]]), y[index["val"]])
         (loss, hits), c = min((probe_fit((x, yy), val, c), c) for c in C_VALUES)
         row = ProbeRow(size, time.perf_counter() - start, loss, hits, len(val[1]), c)
         say(f"size probe: {size:>4} px  val loss {loss:.4f}  {hits}/{row.val} correct  "
