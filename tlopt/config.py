@@ -88,15 +88,18 @@ class SearchSpace:
 
 # A fine-tuning stage starts from a trained head on a pretrained backbone, and the first full-
 # rate steps there undo the head (issue 12: the demo's freeze2 fell from 83% to 47% val in its
-# first epoch at the head's rate). Unless its [stages.NAME] table says otherwise, it trains at
-# a tenth of the head's rates (the demo and hymenoptera fine-tune best at 1e-4..3e-4 against
-# the head's 1e-3..3e-3), warms up over its first epoch, and scales the rate by 0.7 per block
-# group from the head down (EfficientNet-Lite0's earliest trained group at 0.7**6 = 0.12,
-# against fastai's 0.01 over more groups). Measured on hymenoptera: README, Accuracy. Its
-# rate is the rate at batch size 32 (lr_batch_size): at 1e-4 with the rate as written, a
-# first epoch at batch size 8 (four times the Adam steps of one at 32) lost 3.3 points of the
-# digits head against 0.8 at batch size 32 (README, Accuracy; issue 21.6).
-FINE_TUNE_LR_FACTOR = 0.1
+# first epoch at the head's rate). Unless its [stages.NAME] table says otherwise, it searches
+# a hundredth, three hundredths and a tenth of the head's rates: how far the backbone should
+# move depends on how far the data is from ImageNet (the digits fine-tune best at 1e-4..2e-4,
+# a tenth of their head's 1e-3; hymenoptera's ants and bees, which ImageNet holds, at
+# 1e-5..3e-5, and at a tenth every trial of a 20-minute budget ended above the head's
+# validation loss: README, Accuracy). It warms up over its first epoch and scales the rate by
+# 0.7 per block group from the head down (EfficientNet-Lite0's earliest trained group at
+# 0.7**6 = 0.12, against fastai's 0.01 over more groups; measured on hymenoptera: README,
+# Accuracy). Its rate is the rate at batch size 32 (lr_batch_size): at 1e-4 with the rate as
+# written, a first epoch at batch size 8 (four times the Adam steps of one at 32) lost 3.3
+# points of the digits head against 0.8 at batch size 32 (README, Accuracy; issue 21.6).
+FINE_TUNE_LR_FACTORS = (0.01, 0.03, 0.1)
 # A value [search] writes holds for every stage, even one equal to the [search] default: the
 # parser records which of these fields the file wrote (decided by presence, never by equality).
 FINE_TUNE_DEFAULTS: dict[str, Any] = {
@@ -149,8 +152,9 @@ class StudyConfig:
         """The search space of ``stage``: ``[search]`` with ``[stages.STAGE]`` on top.
 
         A fine-tuning stage takes the ``FINE_TUNE_DEFAULTS`` of the fields ``[search]`` did not
-        write (a value written on purpose holds, even when it equals the default) and a tenth
-        of the head's learning rates, under its own table.
+        write (a value written on purpose holds, even when it equals the default) and a
+        hundredth, three hundredths and a tenth of the head's learning rates, under its own
+        table.
         """
         space = self.search
         if fine_tunes_from_head(stage):
@@ -159,13 +163,12 @@ class StudyConfig:
                 for name, fine in FINE_TUNE_DEFAULTS.items()
                 if name not in self.search_written
             }
-            lr = space.lr
+            lr, low, high = space.lr, min(FINE_TUNE_LR_FACTORS), max(FINE_TUNE_LR_FACTORS)
             if isinstance(lr, FloatRange):
-                tuned["lr"] = replace(
-                    lr, low=lr.low * FINE_TUNE_LR_FACTOR, high=lr.high * FINE_TUNE_LR_FACTOR
-                )
+                tuned["lr"] = replace(lr, low=lr.low * low, high=lr.high * high)
             else:
-                tuned["lr"] = tuple(float(f"{v * FINE_TUNE_LR_FACTOR:.6g}") for v in lr)
+                rates = {float(f"{v * f:.6g}") for v in lr for f in FINE_TUNE_LR_FACTORS}
+                tuned["lr"] = tuple(sorted(rates))
             space = replace(space, **tuned)
         override = self.stages.get(stage, {})
         return replace(space, **override) if override else space

@@ -65,8 +65,8 @@ HEADER = """\
 # join a running stage with more workers (here or on other machines):
 #   tlopt worker --study {name}/STAGE --storage URL
 # Every stage is the Optuna study {name}/STAGE in [storage] url. Fine-tuning stages start from
-# the best head and, unless a [stages.STAGE] table says otherwise, train at a tenth of the
-# [search] lr with one warm-up epoch and a rate scaled by 0.7 per block group.{where}
+# the best head and, unless a [stages.STAGE] table says otherwise, search 0.01, 0.03 and 0.1
+# of the [search] lr with one warm-up epoch and a rate scaled by 0.7 per block group.{where}
 """
 COMMENTS = {  # one per top-level key or table
     "seed": "seeds the split and training: every stage has the same validation split",
