@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import cli
 from tests.test_data import messy_folder, save
 
@@ -42,6 +44,7 @@ def test_data_check_folder_errors(tmp_path: Path) -> None:
     assert_one_line_error(cli("data", "check", str(tmp_path / "two")), "'b'")
 
 
+@pytest.mark.slow  # 15-25 s of CLI subprocesses: the full tier (fast tier under 5 min)
 def test_model_summary_and_list() -> None:
     done = cli(
         "model", "summary", "tf_efficientnet_lite0", "--weights", "bundled", "--classes", "10"

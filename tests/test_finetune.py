@@ -284,12 +284,18 @@ def test_a_fine_tuning_epoch_moves_as_far_at_every_batch_size(tmp_path: Path) ->
         '[data]\nsource = "digits"\n[search]\nlr = [1e-3]\nepochs = [3]\ndecay = ["constant"]\n'
     )
     config = load_config(path)
+
+    def point(bs: int) -> FixedTrial:  # one of the fine-tuning rates the stage searches
+        return FixedTrial({"batch_size": bs, "lr": 1e-4})
+
     for stage in ("freeze1", "freeze2"):
         space = config.space_for(stage)
         assert space.lr_batch_size == 32
         moved = {
             bs: [
-                _epoch_movement(suggest(FixedTrial({"batch_size": bs}), space, stage).params, e)
+                _epoch_movement(
+                    suggest(FixedTrial({"batch_size": bs, "lr": 1e-4}), space, stage).params, e
+                )
                 for e in (0, 1)
             ]
             for bs in (8, 16, 32)
@@ -302,7 +308,9 @@ def test_a_fine_tuning_epoch_moves_as_far_at_every_batch_size(tmp_path: Path) ->
     path.write_text(path.read_text() + "lr_batch_size = 0\n")
     space = load_config(path).space_for("freeze2")
     as_written = [
-        _epoch_movement(suggest(FixedTrial({"batch_size": bs}), space, "freeze2").params, 1)
+        _epoch_movement(
+            suggest(FixedTrial({"batch_size": bs, "lr": 1e-4}), space, "freeze2").params, 1
+        )
         for bs in (8, 32)
     ]
     assert as_written[0] == pytest.approx(4 * as_written[1])

@@ -225,6 +225,7 @@ def test_duplicates_across_splits_warn_with_the_count(tmp_path: Path) -> None:
 # --- 3: configs and flags ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 15-25 s of CLI subprocesses: the full tier (fast tier under 5 min)
 def test_stage_names_flags_and_paths_that_do_not_exist(tmp_path: Path) -> None:
     config = study_file(tmp_path)
     huge = "freeze" + "9" * 5000  # int() refuses more than 4,300 digits
@@ -258,6 +259,7 @@ def test_config_keys_with_control_characters_stay_one_line_each(tmp_path: Path) 
     assert "storage.url\\x1e: unknown key" in done.stderr
 
 
+@pytest.mark.slow  # 15-25 s of CLI subprocesses: the full tier (fast tier under 5 min)
 def test_existing_study_with_another_config_is_refused_with_the_difference(
     tmp_path: Path,
 ) -> None:
@@ -350,6 +352,7 @@ def test_mask_url_hides_every_password_shape() -> None:
     assert mask_url("postgresql://db/t?sslmode=require") == "postgresql://db/t?sslmode=require"
 
 
+@pytest.mark.slow  # 15-25 s of CLI subprocesses: the full tier (fast tier under 5 min)
 def test_read_only_sqlite_folder_is_one_line(tmp_path: Path) -> None:
     config = study_file(tmp_path)
     with tmpfs(tmp_path / "ro", "1m") as folder:
@@ -370,6 +373,7 @@ def test_read_only_sqlite_folder_is_one_line(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.slow  # 15-25 s of CLI subprocesses: the full tier (fast tier under 5 min)
 def test_immutable_sqlite_file_reads_but_refuses_writes(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path}/s.db"
     config = study_file(tmp_path)
@@ -390,6 +394,7 @@ def test_immutable_sqlite_file_reads_but_refuses_writes(tmp_path: Path) -> None:
         subprocess.run(["chattr", "-i", str(db)], check=True)
 
 
+@pytest.mark.slow  # 15-25 s of CLI subprocesses: the full tier (fast tier under 5 min)
 def test_disk_full_while_writing_an_artifact(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path}/s.db"
     with tmpfs(tmp_path / "artifacts", "64k") as artifacts:

@@ -35,6 +35,7 @@ def one_error(done: Any, *needles: str) -> None:
         assert needle in errors[0], errors[0]
 
 
+@pytest.mark.slow  # 15-25 s of CLI subprocesses: the full tier (fast tier under 5 min)
 def test_predict_agrees_with_the_export(export: dict[str, Any], tmp_path: Path) -> None:
     out, root = export["out"], export["root"]
     target = tmp_path / "p.csv"
