@@ -78,17 +78,24 @@ def _keep_if_best(trial: optuna.Trial, ctx: StudyContext, result: FitResult) -> 
     values = [t.value for t in done if t.value is not None]
     if values and result.best_val_loss >= min(values):
         return
-    state = {k: v.detach().cpu().contiguous() for k, v in result.best_state.items()}
+    artifact_id = _upload(trial, ctx, result.best_state, "weights")
+    retrying("saving the weights", lambda: trial.set_user_attr(WEIGHTS, artifact_id))
+
+
+def _upload(
+    trial: optuna.Trial, ctx: StudyContext, state: dict[str, torch.Tensor], what: str
+) -> str:
+    """``state`` as a safetensors artifact of the trial (``what``-trialN); its id."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"weights-trial{trial.number}.safetensors"
-        save_file(state, str(path))
-        artifact_id = retrying(
-            "saving the weights",
+        path = Path(tmp) / f"{what}-trial{trial.number}.safetensors"
+        save_file(tensors, str(path))
+        return retrying(
+            f"saving the {what}",
             lambda: upload_artifact(
                 artifact_store=ctx.artifacts, file_path=str(path), study_or_trial=trial
             ),
         )
-    retrying("saving the weights", lambda: trial.set_user_attr(WEIGHTS, artifact_id))
 
 
 def head_objectives(
@@ -159,16 +166,7 @@ def _finish(
         retrying("saving the results", functools.partial(trial.set_user_attr, key, value))
     if head_state is not None:
         # The fine-tuning stages start from the best head: keep every head's weights.
-        state = {k: v.detach().cpu().contiguous() for k, v in head_state.items()}
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"head-trial{trial.number}.safetensors"
-            save_file(state, str(path))
-            artifact_id = retrying(
-                "saving the head",
-                lambda: upload_artifact(
-                    artifact_store=ctx.artifacts, file_path=str(path), study_or_trial=trial
-                ),
-            )
+        artifact_id = _upload(trial, ctx, head_state, "head")
         retrying(
             "saving the head", lambda: trial.set_user_attr(ATTR + "head_artifact", artifact_id)
         )
