@@ -34,6 +34,19 @@ def test_durations_read_units_and_refuse_bare_numbers() -> None:
     assert [format_duration(s) for s in (1200, 5400, 90, 3600)] == ["20m", "90m", "90s", "1h"]
 
 
+def test_a_budget_under_a_minute_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, run = shapes_folder(tmp_path / "shapes"), tmp_path / "run"
+    code, out, err = tune_in_process([str(data), "--out", str(run), *TINY, "--time", "30s"],
+                                     capsys, monkeypatch)  # fmt: skip
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert (
+        err.strip() == "error: --time 30s: give at least 1m (the plan alone measures for seconds)"
+    )
+    assert not run.exists()
+
+
 def _plan(head_setup: float = 60.0) -> Plan:
     """Hymenoptera's measured costs at 320 px on a 2-core CPU (README, the plan)."""
     epochs = (10, 25, 50, 75, 100, 150)
@@ -205,3 +218,12 @@ def test_the_export_is_the_model_the_best_trial_measured(
     assert np.isclose(loss, study.best_value, rtol=1e-3, atol=1e-4), (loss, study.best_value)
     again = export_best("shapes/freeze2", tmp_path / "again", url, "cpu", retrain=True)
     assert again["weights_from"] == "retrained"
+
+
+def test_the_head_gets_at_least_one_trial_before_a_fine_tuning_stage() -> None:
+    """A slow feature pass (30% of the budget would not hold it) still gets its head trial."""
+    shares = allot(_plan(head_setup=200.0), 600, set(), {"head": 20, "freeze1": 20,
+                                                          "freeze2": 20})  # fmt: skip
+    assert shares[0].trials >= 1
+    tiny = allot(_plan(head_setup=2000.0), 600, set(), {"head": 20, "freeze1": 0, "freeze2": 0})
+    assert tiny[0].trials == 0 and "left out" in tiny[0].why  # tune refuses it in one line

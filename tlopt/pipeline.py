@@ -506,6 +506,9 @@ def _time_left(config: StudyConfig, record: dict[str, Any]) -> tuple[float, floa
     was: dict[str, Any] = record["time"] if isinstance(record.get("time"), dict) else {}
     spent = float(was.get("spent", 0.0)) if was.get("budget") == budget else 0.0
     left = budget - spent
+    if budget < MIN_TIME_S:
+        raise ConfigError(f"--time {format_duration(budget)}: give at least 1m (the plan alone "
+                          "measures for seconds)")  # fmt: skip
     if left < MIN_TIME_S:
         raise ConfigError(
             f"--time {format_duration(budget)}: this run folder spent {spent / 60:.1f} min of "
@@ -618,7 +621,7 @@ def tune(
     ``flags`` (None: the study file's or the default): name, seed, trials, backbone, weights,
     image_size (a number or "auto"), epochs, storage, time (e.g. "20m"), plan_only."""
     from tlopt.tune.context import open_config_source
-    from tlopt.tune.timebox import PROBE_SHARE, export_seconds
+    from tlopt.tune.timebox import HOLDS, PROBE_SHARE, export_seconds
     from tlopt.tune.timebox import table as time_table
 
     began = time.monotonic()
@@ -648,6 +651,12 @@ def tune(
         seconds = left - (time.monotonic() - began)
         config, shares, plan = _allot(config, names, url, plan, seconds, fixed)
         _check_studies(config, names, url)
+        head = next((a for a in shares if a.stage == "head"), None)
+        if head is not None and head.trials == 0 and head.why != HOLDS:  # the others need it
+            raise ConfigError(
+                f"--time {format_duration(config.time_budget)} is too short for the head stage "
+                f"({head.why}): give a longer --time"
+            )
     _say_plan(plan, say)
     if shares:
         reserve = export_seconds(plan)

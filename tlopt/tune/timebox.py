@@ -118,8 +118,10 @@ def _share(
     left = max(0.0, seconds)
     head = next((s for s in todo if s.stage == "head"), None)
     if head is not None:
-        shares["head"] = _head(head, min(left, seconds * HEAD_SHARE), max_trials.get("head", 0),
-                               "head" in fixed_epochs)  # fmt: skip
+        # Every other stage starts from a head: it gets at least its set-up and one trial.
+        least_head = head.setup_seconds + trial_seconds(head, head.epochs[:1])
+        share = min(left, max(seconds * HEAD_SHARE, least_head))
+        shares["head"] = _head(head, share, max_trials.get("head", 0), "head" in fixed_epochs)
         left -= shares["head"].seconds
 
     # Fine-tuning stages, cheapest epoch first, while the least each needs fits (its set-up
