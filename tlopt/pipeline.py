@@ -386,8 +386,7 @@ def _but_budget(config: Any, stage: str) -> Any:
 
 def _check_order(config: StudyConfig, names: list[str], url: str) -> None:
     """A fine-tuning stage needs the head stage first (in --stages, or its study exists)."""
-    db = sqlite_path(url)
-    existing = [] if db is not None and not db.exists() else study_names(open_storage(url))
+    existing = _existing(url)
     if "head" in names or f"{config.name}/head" in existing:
         return
     for stage in names:
@@ -397,8 +396,7 @@ def _check_order(config: StudyConfig, names: list[str], url: str) -> None:
 
 def _check_studies(config: StudyConfig, names: list[str], url: str) -> None:
     """Before anything runs: a study of this name holds this config, and head comes first."""
-    db = sqlite_path(url)  # a new run's SQLite file does not exist yet: no studies in it
-    existing = [] if db is not None and not db.exists() else study_names(open_storage(url))
+    existing = _existing(url)
     head = "head" in names or f"{config.name}/head" in existing
     for stage in names:
         name = f"{config.name}/{stage}"
@@ -461,8 +459,7 @@ def _remaining(config: StudyConfig, url: str) -> Callable[[str], int]:
     """Each stage's trials still to run: its budget less its finished trials."""
     from tlopt.tune.sampling import stage_budget
 
-    db = sqlite_path(url)
-    existing = [] if db is not None and not db.exists() else study_names(open_storage(url))
+    existing = _existing(url)
 
     def remaining(stage: str) -> int:  # a resumed stage's finished trials cost nothing
         name = f"{config.name}/{stage}"
@@ -556,8 +553,7 @@ def _choose_size(
 
 def _stored_epochs(config: StudyConfig, names: list[str], url: str) -> dict[str, tuple[int, ...]]:
     """The epoch choices of the stages whose studies exist (a rerun cannot change them)."""
-    db = sqlite_path(url)
-    existing = [] if db is not None and not db.exists() else study_names(open_storage(url))
+    existing = _existing(url)
     out = {}
     for stage in names:
         if f"{config.name}/{stage}" in existing:
@@ -589,21 +585,22 @@ def _allot(
     """The time budget's share per stage; the config with the chosen epochs; the plan of it."""
     from tlopt.tune.timebox import allot
 
-    stored = _stored_epochs(config, names, url)  # adopted already (_adopt_epochs)
-    keep = {st for st in names if "*" in fixed or st in fixed or st in stored}
+    # A stage whose study exists has the epochs it was made with (_adopt_epochs put them in
+    # the config the plan was measured on): kept, as the user's are.
+    existing = _existing(url)
+    made = {st for st in names if f"{config.name}/{st}" in existing}
+    keep = {st for st in names if "*" in fixed or st in fixed or st in made}
     stages = {**config.stages}
     left = _remaining(config, url)
     caps = {st: left(st) for st in names}
-    measured = replace(plan, stages=tuple(
-        replace(s, epochs=stored.get(s.stage, s.epochs)) for s in plan.stages))  # fmt: skip
-    shares = allot(measured, seconds, keep, caps)
+    shares = allot(plan, seconds, keep, caps)
     for a in shares:
         if a.stage not in keep and a.trials:
             stages[a.stage] = {**stages.get(a.stage, {}), "epochs": a.epochs}
     config = replace(config, stages=stages)
-    shown = replace(measured, stages=tuple(
+    shown = replace(plan, stages=tuple(
         replace(s, trials=a.trials, epochs=a.epochs)
-        for s, a in zip(measured.stages, shares, strict=True)))  # fmt: skip
+        for s, a in zip(plan.stages, shares, strict=True)))  # fmt: skip
     return config, shares, shown
 
 
@@ -736,12 +733,15 @@ def _run_stages(
     return rows
 
 
-def _finished_if_any(config: StudyConfig, stage: str, url: str) -> int:
+def _existing(url: str) -> list[str]:
+    """The studies in the storage (a run's SQLite file that does not exist yet holds none)."""
     db = sqlite_path(url)
-    if db is not None and not db.exists():
-        return 0
+    return [] if db is not None and not db.exists() else study_names(open_storage(url))
+
+
+def _finished_if_any(config: StudyConfig, stage: str, url: str) -> int:
     name = f"{config.name}/{stage}"
-    return _finished(name, url) if name in study_names(open_storage(url)) else 0
+    return _finished(name, url) if name in _existing(url) else 0
 
 
 def _finish(

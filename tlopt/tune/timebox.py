@@ -80,10 +80,6 @@ class Allotment:
     seconds: float
     why: str = ""  # why the stage is left out, or why its trials are few
 
-    def as_dict(self) -> dict[str, object]:
-        return {"stage": self.stage, "trials": self.trials, "epochs": list(self.epochs),
-                "minutes": round(self.seconds / 60, 2), "why": self.why}  # fmt: skip
-
 
 def trial_seconds(s: StagePlan, epochs: tuple[int, ...]) -> float:
     """A trial's expected seconds at ``epochs`` (their mean), by the stage's measured costs."""
