@@ -301,8 +301,9 @@ def test_a_rerun_with_another_config_is_refused_and_changes_nothing(
 def test_a_run_stopped_mid_stage_resumes_where_it_stopped(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SIGINT once the first trial is told: the run stops in one line, and the same command
-    runs only what the stage still lacks (4 trials one at a time: some are left to run)."""
+    """SIGINT once the first trial is told: the run exports the best trial so far and stops
+    in one line (exit 130), and the same command runs only what the stage still lacks (4
+    trials one at a time: some are left to run)."""
     data, run = shapes_folder(tmp_path / "shapes"), tmp_path / "run"
     args = [str(data), "--out", str(run), *FLAGS[:-4], "--trials", "4", "--epochs", "3"]
     args += ["--stages", "head", "--heads-at-once", "1"]
@@ -324,12 +325,16 @@ def test_a_run_stopped_mid_stage_resumes_where_it_stopped(
         proc.communicate()
         pytest.fail(f"tlopt tune ran past 120 s after SIGINT: {''.join(seen)[-2000:]}")
     err = "".join(seen) + rest
-    assert proc.returncode == 2, err[-3000:]
-    assert "error: stage head stopped at" in err and "run again to resume" in err
-    assert "Traceback" not in err
+    assert proc.returncode == 130, err[-3000:]
+    assert f"error: stopped: the best trial so far is exported to {run / 'export'}" in err
+    assert "run again to resume" in err and "Traceback" not in err
     stopped = trials(run)["shapes/head"]
     done = [t for t in stopped if t[1] in ("COMPLETE", "PRUNED")]
-    assert 1 <= len(done) < 4 and not (run / "export").exists()
+    assert 1 <= len(done) < 4
+    url = f"sqlite:///{run / 'studies.db'}"
+    best = optuna.load_study(study_name="shapes/head", storage=url).best_trial.number
+    manifest = json.loads((run / "export" / "manifest.json").read_text())
+    assert (manifest["study"], manifest["trial"]) == ("shapes/head", best)
 
     code, out, err = tune_in_process(args, capsys, monkeypatch)
     assert code == 0, err

@@ -13,6 +13,12 @@ class TloptError(Exception):
     exit_code = 2
 
 
+class Stopped(TloptError):
+    """Ctrl-C or SIGTERM ended the run; what it finished is kept (exit code 130, as for SIGINT)."""
+
+    exit_code = 130
+
+
 class ConfigError(TloptError):
     """A study configuration or a command-line value is invalid."""
 

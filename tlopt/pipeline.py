@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tlopt.config import AUTO_SIZE, StudyConfig, fine_tunes_from_head, load_config
-from tlopt.errors import ConfigError, TloptError
+from tlopt.errors import ConfigError, Stopped, TloptError
 from tlopt.names import ATTR, FIRST_HEAD, HEAD, parse_stage
 from tlopt.report.trial_artifacts import write_trial_artifacts
 from tlopt.tune.storage import (
@@ -252,16 +252,18 @@ def _stage(
     p: Placement,
     say: Any,
     box: tuple[float, float] | None = None,
+    expect: int | None = None,
 ) -> dict[str, Any] | None:
     """Create (or reuse) the stage's study and run workers until it holds its budget.
 
     ``box``: a time budget's (seconds for this stage, deadline as a ``time.time()``): no trial
     starts after the seconds, the running one stops at the deadline, and a stage that ran out
-    of time ends with what it finished (None: not one complete trial).
+    of time ends with what it finished (None: not one complete trial). ``expect``: the new
+    trials its time is expected to allow (the progress bar's total, so that its ETA holds).
     """
     from tlopt.tune.sampling import stage_budget
     from tlopt.tune.supervisor import supervise
-    from tlopt.tune.worker import DEADLINE_ENV, work
+    from tlopt.tune.worker import DEADLINE_ENV, STOP, work
 
     name, budget = f"{config.name}/{stage}", config.n_trials
     if name not in study_names(open_storage(url)):
@@ -295,13 +297,15 @@ def _stage(
                     p.heads_at_once,
                     threads=p.threads,
                     on_trial_done=write_trial_artifacts,
+                    expect=None if expect is None else min(budget, before + expect),
                 )
-            elif supervise(
-                name, url, None, seconds, p.gpus, p.per_gpu, p.processes, p.heads_at_once
+            elif (
+                supervise(name, url, None, seconds, p.gpus, p.per_gpu, p.processes, p.heads_at_once)
+                and not STOP.is_set()  # Ctrl-C: the workers stopped as asked
             ):
                 raise TloptError(f"the workers of '{name}' failed (see above): run again to resume")
     after = _finished(name, url)
-    if after < budget and box is None:
+    if after < budget and box is None and not STOP.is_set():  # Ctrl-C: the caller says so
         raise TloptError(
             f"stage {stage} stopped at {after} of {budget} trials: run again to resume"
         )
@@ -670,7 +674,10 @@ def tune(
     write_study_file(config, out / "study.toml", probe["table"] if probe else [])
     say(f"study file {out / 'study.toml'}; studies in {mask_url(url)}")
     try:
-        rows = _run_stages(config, names, url, place, say, shares, plan, left, began)
+        try:
+            rows = _run_stages(config, names, url, place, say, shares, plan, left, began)
+        except _Stopped as stopped:
+            _export_so_far(config, url, out, place, stopped.rows, plan, probe, say)
         return _finish(config, url, out, place, rows, plan, probe, say)
     finally:
         if config.time_budget:
@@ -699,8 +706,13 @@ def _run_stages(
     from tlopt.tune.worker import STOP
 
     if not shares:
-        every = [_stage(config, stage, url, place, say) for stage in names]
-        return [r for r in every if r is not None]
+        rows = []
+        for stage in names:
+            row = _stage(config, stage, url, place, say)
+            rows += [row] if row is not None else []
+            if STOP.is_set():  # Ctrl-C or SIGTERM: the run stops here
+                raise _Stopped(rows)
+        return rows
     by_stage, end = {a.stage: a for a in shares}, began + left  # monotonic: the run's end
     stages_began, planned, rows = time.monotonic(), 0.0, []
     stop = end - export_seconds(plan)  # the running trial stops here, for the export
@@ -721,16 +733,43 @@ def _run_stages(
         cap = max(a.trials, _remaining(config, url)(stage))
         staged = replace(config, n_trials=max(1, cap + _finished_if_any(config, stage, url)))
         deadline = time.time() + stop - time.monotonic()
-        row = _stage(staged, stage, url, place, say, (seconds, deadline))
+        row = _stage(staged, stage, url, place, say, (seconds, deadline), a.trials)
+        rows += [row] if row is not None else []
         if STOP.is_set():  # Ctrl-C or SIGTERM, not the deadline: the run stops here
-            raise TloptError("stopped: every finished trial is kept; run again to resume")
-        if row is not None:
-            rows.append(row)
-        elif stage == "head":
+            raise _Stopped(rows)
+        if row is None and stage == "head":
             raise TloptError("no head trial completed in its time: give a longer --time")
     if not rows:
         raise TloptError("no stage completed a trial in its time: give a longer --time")
     return rows
+
+
+class _Stopped(Exception):
+    """Ctrl-C or SIGTERM stopped the stages; ``rows``: the stages that completed a trial."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        super().__init__("stopped")
+        self.rows = rows
+
+
+def _export_so_far(
+    config: StudyConfig,
+    url: str,
+    out: Path,
+    place: Placement,
+    rows: list[dict[str, Any]],
+    plan: Plan,
+    probe: dict[str, Any] | None,
+    say: Any,
+) -> NoReturn:
+    """After Ctrl-C: export (and report) the best trial finished so far, then stop. The export
+    loads the trial's kept weights (seconds); a second Ctrl-C skips it, losing nothing."""
+    keep = "every finished trial is kept; run again to resume"
+    if not rows:
+        raise Stopped(f"stopped before a trial completed: {keep}")
+    say("stopped: exporting the best trial so far (Ctrl-C again skips it)")
+    _finish(config, url, out, place, rows, plan, probe, say)
+    raise Stopped(f"stopped: the best trial so far is exported to {out / 'export'}; {keep}")
 
 
 def _existing(url: str) -> list[str]:

@@ -202,9 +202,14 @@ def supervise(
     procs = [start(i) for i in range(len(slots))]
     stopping = False
 
+    from tlopt.tune.worker import STOP  # worker imports this module
+
+    STOP.clear()
+
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
+        STOP.set()  # the caller (tlopt tune) stops after this stage too
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)

@@ -114,6 +114,7 @@ def work(
     threads: int | None = None,
     on_trial_done: TrialDone | None = None,
     deadline: float | None = None,
+    expect: int | None = None,
 ) -> WorkerSummary:
     """Run trials of ``study_name`` in this process until the budget or the timeout is reached.
 
@@ -126,6 +127,8 @@ def work(
     ``threads``: torch's CPU threads (default: ``$OMP_NUM_THREADS`` if set, else 1 on the CPU
     and torch's own on a GPU; see ``supervisor.worker_threads``).
     ``on_trial_done``: what the interface writes for each finished trial (curves, a note).
+    ``expect``: the finished trials the study is expected to hold when the time is up (the
+    progress bar's total under a time budget; default: the trial budget).
     """
     device = check_device(device)
     slot, restarts = worker_slot(), env_int(RESTARTS_ENV, 0)
@@ -182,7 +185,7 @@ def work(
     failures = 0  # failed trials do not count towards the budget: stop a loop of them
     began = time.monotonic()
     previous = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    shown = bar(total=budget, desc=study_name, unit="trial")
+    shown = bar(total=min(budget, expect or budget), desc=study_name, unit="trial")
     try:
         while (timeout is None or time.monotonic() - began < timeout) and (
             deadline is None or time.time() < deadline
