@@ -309,10 +309,11 @@ def _stage(
         raise TloptError(
             f"stage {stage} stopped at {after} of {budget} trials: run again to resume"
         )
-    if after < budget:
+    if after < budget and not STOP.is_set():
         say(f"stage {stage}: its time is up after {after - before} trials ({after} finished)")
     if not any(t.state.name == "COMPLETE" for t in load(name, url).get_trials(deepcopy=False)):
-        say(f"stage {stage}: no trial completed in its time: a longer --time runs it")
+        if not STOP.is_set():
+            say(f"stage {stage}: no trial completed in its time: a longer --time runs it")
         return None
     best = best_trial(load(name, url))
     accuracy = best.user_attrs.get("val_accuracy")
