@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,13 +227,29 @@ def test_a_worker_on_the_cpu_runs_a_thread_per_idle_core_unless_told() -> None:
     assert supervisor.idle_cores(2, 4.7) == 1  # that busy machine
     assert supervisor.idle_cores(2, 0.2) == 2  # idle: torch's pool of every core
     assert supervisor.idle_cores(16, 3.6) == 12 and supervisor.idle_cores(4, 9.0) == 1
-    cores, load = supervisor.available_cores(), os.getloadavg()[0]
+    cores = supervisor.available_cores()
     got = supervisor.worker_threads(None, {}, "cpu")
     assert got is not None and 1 <= got <= cores
-    assert abs(got - supervisor.idle_cores(cores, load)) <= 1  # the load moves meanwhile
     assert supervisor.worker_threads(None, {}, "cuda") is None  # torch's default on a GPU
     assert supervisor.worker_threads(None, {"OMP_NUM_THREADS": "2"}, "cpu") == 2  # respected
     assert supervisor.worker_threads(3, {"OMP_NUM_THREADS": "2"}, "cpu") == 3  # --threads wins
+
+
+def test_busy_cores_counts_work_now_not_the_minute_before() -> None:
+    """A core spinning for the last second is busy; the 1-minute load average has barely
+    moved by then (it lags by minutes: a run started right after another got one thread)."""
+    if not Path("/proc/stat").is_file():
+        pytest.skip("busy_cores reads /proc/stat (Linux)")
+    quiet = supervisor.busy_cores(0.5)
+    assert quiet is not None and 0.0 <= quiet <= (os.cpu_count() or 1) + 0.01
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    try:
+        time.sleep(0.5)  # the spinner is up
+        busy = supervisor.busy_cores(1.0)
+    finally:
+        os.killpg(spin.pid, signal.SIGKILL)
+        spin.wait()
+    assert busy is not None and busy >= 0.7  # the spinner's core, at least
 
 
 @pytest.mark.slow  # trains a head
@@ -242,7 +260,7 @@ def test_a_cpu_worker_on_a_busy_machine_sets_torch_to_one_thread(
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = supervisor.available_cores()
-    monkeypatch.setattr(supervisor.os, "getloadavg", lambda: (cores + 1.0, 0.0, 0.0))
+    monkeypatch.setattr(supervisor, "busy_cores", lambda: cores + 1.0)
     studies.create(load_config(_config(tmp_path, 1)), "head", sqlite_storage_url)
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # torch's default on 2 cores, whatever this machine has

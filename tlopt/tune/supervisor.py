@@ -35,13 +35,39 @@ def omp_threads(env: Mapping[str, str]) -> int | None:
 # with other jobs (README, CPU threads), 1 thread against torch's default of 2 ran the head
 # trials' epochs, a freeze1 epoch and the frozen-feature pass 2-4x faster (medians): OpenMP's
 # threads wait for each other at every operation, and on cores other processes use, each wait
-# can cost a time slice. A core is counted busy by the 1-minute load average, so a busy
-# machine gets one thread and an idle one keeps torch's pool of every core. On a GPU the host
-# threads barely matter and torch's default stays.
+# can cost a time slice. A core is counted busy by what the machine ran over the last fraction
+# of a second (busy_cores), so a busy machine gets one thread and an idle one keeps torch's
+# pool of every core. On a GPU the host threads barely matter and torch's default stays.
+BUSY_SAMPLE_S = 0.3
+
+
+def busy_cores(seconds: float = BUSY_SAMPLE_S) -> float | None:
+    """The cores other work keeps busy now: the machine's non-idle CPU time over ``seconds``
+    (``/proc/stat``), while this process sleeps; None where there is no ``/proc/stat``.
+
+    Not the 1-minute load average: it lags by minutes, so right after another run ends it
+    still counts that run's cores as busy (a run started then got one thread of two).
+    """
+
+    def times() -> tuple[float, float]:  # (busy, all) jiffies over every CPU
+        with open("/proc/stat") as f:
+            ticks = [float(x) for x in f.readline().split()[1:9]]  # user .. steal
+        idle = ticks[3] + ticks[4]  # idle, iowait
+        return sum(ticks) - idle, sum(ticks)
+
+    try:
+        busy0, all0 = times()
+        time.sleep(seconds)
+        busy1, all1 = times()
+    except (OSError, ValueError, IndexError):
+        return None
+    cpus = os.cpu_count() or 1
+    return cpus * (busy1 - busy0) / (all1 - all0) if all1 > all0 else 0.0
 
 
 def idle_cores(cores: int, load: float) -> int:
-    """The cores not busy with other work (``load``: the 1-minute load average), at least one.
+    """The cores not busy with other work (``load``: busy cores, see :func:`busy_cores`), at
+    least one.
 
     Example:
         >>> idle_cores(2, 4.7), idle_cores(2, 0.1), idle_cores(16, 3.6)
@@ -58,7 +84,9 @@ def worker_threads(threads: int | None, env: Mapping[str, str], device_type: str
         return threads or omp_threads(env)
     if device_type != "cpu":
         return None
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load = busy_cores()
+    if load is None:  # no /proc/stat (macOS): the 1-minute load average
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return idle_cores(available_cores(), load)
 
 
