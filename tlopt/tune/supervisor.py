@@ -38,31 +38,35 @@ def omp_threads(env: Mapping[str, str]) -> int | None:
 # can cost a time slice. A core is counted busy by what the machine ran over the last fraction
 # of a second (busy_cores), so a busy machine gets one thread and an idle one keeps torch's
 # pool of every core. On a GPU the host threads barely matter and torch's default stays.
-BUSY_SAMPLE_S = 0.3
+BUSY_SAMPLE_S = 0.5
 
 
 def busy_cores(seconds: float = BUSY_SAMPLE_S) -> float | None:
-    """The cores other work keeps busy now: the machine's non-idle CPU time over ``seconds``
-    (``/proc/stat``), while this process sleeps; None where there is no ``/proc/stat``.
+    """The cores other processes keep busy now: the machine's CPU time over ``seconds``
+    (``/proc/stat``) less this process's own; None where there is no ``/proc/stat``.
 
     Not the 1-minute load average: it lags by minutes, so right after another run ends it
-    still counts that run's cores as busy (a run started then got one thread of two).
+    still counts that run's cores as busy (a run started then got one thread of two). Time
+    a hypervisor gives other machines (steal) is not counted as busy: it slows every thread.
     """
 
     def times() -> tuple[float, float]:  # (busy, all) jiffies over every CPU
         with open("/proc/stat") as f:
             ticks = [float(x) for x in f.readline().split()[1:9]]  # user .. steal
-        idle = ticks[3] + ticks[4]  # idle, iowait
-        return sum(ticks) - idle, sum(ticks)
+        busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]  # user nice system irqs
+        return busy, sum(ticks)
 
     try:
         busy0, all0 = times()
+        own0, wall0 = time.process_time(), time.monotonic()
         time.sleep(seconds)
         busy1, all1 = times()
+        own = (time.process_time() - own0) / max(time.monotonic() - wall0, 1e-6)
     except (OSError, ValueError, IndexError):
         return None
     cpus = os.cpu_count() or 1
-    return cpus * (busy1 - busy0) / (all1 - all0) if all1 > all0 else 0.0
+    machine = cpus * (busy1 - busy0) / (all1 - all0) if all1 > all0 else 0.0
+    return max(0.0, machine - own)
 
 
 def idle_cores(cores: int, load: float) -> int:
