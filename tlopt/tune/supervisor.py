@@ -38,35 +38,40 @@ def omp_threads(env: Mapping[str, str]) -> int | None:
 # can cost a time slice. A core is counted busy by what the machine ran over the last fraction
 # of a second (busy_cores), so a busy machine gets one thread and an idle one keeps torch's
 # pool of every core. On a GPU the host threads barely matter and torch's default stays.
-BUSY_SAMPLE_S = 0.5
+BUSY_SAMPLE_S = 0.6
 
 
-def busy_cores(seconds: float = BUSY_SAMPLE_S) -> float | None:
-    """The cores other processes keep busy now: the machine's CPU time over ``seconds``
-    (``/proc/stat``) less this process's own; None where there is no ``/proc/stat``.
+def busy_cores(seconds: float = BUSY_SAMPLE_S, slices: int = 3) -> float | None:
+    """The cores other processes keep busy now: the machine's CPU time (``/proc/stat``) less
+    this process's own, in the least busy of ``slices`` parts of ``seconds``; None where there
+    is no ``/proc/stat``.
 
     Not the 1-minute load average: it lags by minutes, so right after another run ends it
-    still counts that run's cores as busy (a run started then got one thread of two). Time
-    a hypervisor gives other machines (steal) is not counted as busy: it slows every thread.
+    still counts that run's cores as busy (a run started then got one thread of two). The
+    least busy slice, not the mean: the kernel's work right after a large process exits
+    (freeing its memory, writing its files) lasts a moment, another training job does not.
+    Time a hypervisor gives other machines (steal) is not counted: it slows every thread.
     """
 
-    def times() -> tuple[float, float]:  # (busy, all) jiffies over every CPU
+    def times() -> tuple[float, float, float, float]:  # busy, all jiffies; own CPU s, wall s
         with open("/proc/stat") as f:
             ticks = [float(x) for x in f.readline().split()[1:9]]  # user .. steal
         busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]  # user nice system irqs
-        return busy, sum(ticks)
+        return busy, sum(ticks), time.process_time(), time.monotonic()
 
+    cpus, readings = os.cpu_count() or 1, []
     try:
-        busy0, all0 = times()
-        own0, wall0 = time.process_time(), time.monotonic()
-        time.sleep(seconds)
-        busy1, all1 = times()
-        own = (time.process_time() - own0) / max(time.monotonic() - wall0, 1e-6)
+        before = times()
+        for _ in range(max(1, slices)):
+            time.sleep(seconds / max(1, slices))
+            after = times()
+            busy, ticks, own, wall = (a - b for a, b in zip(after, before, strict=True))
+            machine = cpus * busy / ticks if ticks > 0 else 0.0
+            readings.append(max(0.0, machine - own / max(wall, 1e-6)))
+            before = after
     except (OSError, ValueError, IndexError):
         return None
-    cpus = os.cpu_count() or 1
-    machine = cpus * (busy1 - busy0) / (all1 - all0) if all1 > all0 else 0.0
-    return max(0.0, machine - own)
+    return min(readings)
 
 
 def idle_cores(cores: int, load: float) -> int:
@@ -91,7 +96,16 @@ def worker_threads(threads: int | None, env: Mapping[str, str], device_type: str
     load = busy_cores()
     if load is None:  # no /proc/stat (macOS): the 1-minute load average
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return idle_cores(available_cores(), load)
+    cores = available_cores()
+    idle = idle_cores(cores, load)
+    if idle < cores:  # say why: a user may expect every core
+        log.info(
+            "%.1f of %d CPU cores busy with other work: %d torch thread(s) (--threads sets it)",
+            load,
+            cores,
+            idle,
+        )
+    return idle
 
 
 def available_cores() -> int:
