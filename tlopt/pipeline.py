@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from tlopt.config import AUTO_SIZE, StudyConfig, fine_tunes_from_head, load_config
 from tlopt.errors import ConfigError, Stopped, TloptError
@@ -677,8 +677,11 @@ def tune(
     try:
         try:
             rows = _run_stages(config, names, url, place, say, shares, plan, left, began)
-        except _Stopped as stopped:
-            _export_so_far(config, url, out, place, stopped.rows, plan, probe, say)
+        except _Stopped as stopped:  # export the best so far: its kept weights, seconds
+            if stopped.rows:
+                say("stopped: exporting the best trial so far (Ctrl-C again skips it)")
+                _finish(config, url, out, place, stopped.rows, plan, probe, say)
+            raise _stopped(out, bool(stopped.rows)) from None
         return _finish(config, url, out, place, rows, plan, probe, say)
     finally:
         if config.time_budget:
@@ -753,24 +756,12 @@ class _Stopped(Exception):
         self.rows = rows
 
 
-def _export_so_far(
-    config: StudyConfig,
-    url: str,
-    out: Path,
-    place: Placement,
-    rows: list[dict[str, Any]],
-    plan: Plan,
-    probe: dict[str, Any] | None,
-    say: Any,
-) -> NoReturn:
-    """After Ctrl-C: export (and report) the best trial finished so far, then stop. The export
-    loads the trial's kept weights (seconds); a second Ctrl-C skips it, losing nothing."""
+def _stopped(out: Path, exported: bool) -> Stopped:
+    """The one line that ends a run stopped by Ctrl-C or SIGTERM."""
     keep = "every finished trial is kept; run again to resume"
-    if not rows:
-        raise Stopped(f"stopped before a trial completed: {keep}")
-    say("stopped: exporting the best trial so far (Ctrl-C again skips it)")
-    _finish(config, url, out, place, rows, plan, probe, say)
-    raise Stopped(f"stopped: the best trial so far is exported to {out / 'export'}; {keep}")
+    if not exported:
+        return Stopped(f"stopped before a trial completed: {keep}")
+    return Stopped(f"stopped: the best trial so far is exported to {out / 'export'}; {keep}")
 
 
 def _existing(url: str) -> list[str]:
