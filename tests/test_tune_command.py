@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from tests.conftest import run_in_group
 from tlopt import cli
 from tlopt.config import StudyConfig, load_config
-from tlopt.pipeline import write_study_file
+from tlopt.pipeline import build_config, write_study_file
 
 # A tiny timm network from scratch at 32 px, 2 trials of 2 epochs per stage: seconds on a CPU.
 FLAGS = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32"]
@@ -216,6 +216,28 @@ def test_study_file_loads_back_to_its_config(tmp_path: Path) -> None:
     text = path.read_text()
     assert "secret" not in text and text.startswith("# The study file")
     assert "[stages.freeze1]" in text and "[search.decay_params.step]" in text
+
+
+def test_a_folder_runs_head_searches_its_rate_and_dropout_and_fine_tuning_keeps_search(
+    tmp_path: Path,
+) -> None:
+    """A folder at the defaults: [stages.head] widens the head's rate and dropout (its trials
+    cost seconds on cached features); fine-tuning stages keep [search]'s, and a study file is
+    taken as written."""
+    data, run = shapes_folder(tmp_path / "shapes"), tmp_path / "run"
+    flags = dict.fromkeys(("trials", "epochs", "backbone", "weights", "image_size"))
+    config, _, _ = build_config(run, data, None, **flags)
+    head, freeze1 = config.space_for("head"), config.space_for("freeze1")
+    assert (head.lr, head.dropout) == ((3e-4, 1e-3, 3e-3), (0.2, 0.5))
+    assert freeze1.dropout == config.search.dropout == (0.2,)
+    assert freeze1.lr == (1e-5, 3e-5, 1e-4)  # a hundredth .. a tenth of [search]'s 1e-3
+    run.mkdir()
+    write_study_file(config, run / "study.toml")
+    assert "[stages.head]" in (run / "study.toml").read_text()
+    again, _, _ = build_config(run, None, run / "study.toml", **flags)
+    assert again.space_for("head") == head
+    demo, _, _ = build_config(run, None, Path(__file__).parents[1] / "studies/demo.toml", **flags)
+    assert "head" not in demo.stages  # a study file's own [stages] only
 
 
 def _files(run: Path) -> dict[str, bytes]:
