@@ -454,8 +454,8 @@ def _run_storage(out: Path, url: str) -> str:
 
 def _threads_now(p: Placement) -> Placement:
     """Decide the CPU threads once, before the plan's work loads the machine: the plan
-    measures at the count the workers of this process then run at (a later look at the load
-    average would count this process's own plan as other work)."""
+    measures at the count the workers of this process then run at. Once decided, the count
+    stands (a second call returns it)."""
     import torch
 
     from tlopt.devices import pick_device
@@ -639,7 +639,6 @@ def tune(
     plan_only = bool(flags.pop("plan_only", False))
     defaulted = config_file is None and not any(flags.get(k) for k in ("time", "trials", "epochs"))
     place, names, out = place or Placement(), parse_stages(stages), out.expanduser()
-    place = _threads_now(place)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' is a file: pass a folder for the run")
     config, url, fixed = build_config(out, data, config_file, **flags)
@@ -653,9 +652,11 @@ def tune(
     probe: dict[str, Any] | None = None
     if config.data.image_size == AUTO_SIZE:
         share = left * PROBE_SHARE if config.time_budget else None
+        place = _threads_now(place)  # the probe's features serve the workers: their threads
         config, probe = _choose_size(config, record, place, share, say)
     config = _adopt_epochs(config, names, url, fixed)
     _check_studies(config, names, url)
+    place = _threads_now(place)  # after the checks, so that a refusal is its one line
     plan = _plan(config, names, url, place)
     shares: list[Allotment] = []
     if config.time_budget:
