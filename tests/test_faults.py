@@ -75,26 +75,30 @@ def test_requeueing_on_sigterm_skips_a_trial_failed_elsewhere(sqlite_storage_url
 
 @pytest.mark.slow
 def test_a_trial_ended_elsewhere_mid_run_costs_the_worker_nothing(
-    sqlite_storage_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    sqlite_storage_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The trial is failed and queued again while it trains: the worker logs it and goes on."""
+    """The trial is failed and queued again while it trains: the worker logs it and goes on.
+
+    The stale check's two writes (FAIL, then the retry) run right after the trial's second
+    report, in the worker's thread: from a thread of their own, a worker that ran between
+    them (seen on a loaded machine) asked a new trial before the retry was queued."""
     name = _fine_tuning_study(sqlite_storage_url, tmp_path, n_trials=1, epochs=8)
     storage = open_storage(sqlite_storage_url, 1, 4)
     study = optuna.load_study(study_name=name, storage=storage)
+    report, taken = optuna.trial.Trial.report, []
 
-    def take_the_running_trial() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if running and len(running[0].intermediate_values) >= 2:
-                _fail_as_a_stale_check_does(storage, study, running[0]._trial_id)
-                return
-            time.sleep(0.1)
+    def report_then_lose_the_trial(trial: optuna.trial.Trial, value: float, step: int) -> None:
+        report(trial, value, step)
+        if step == 2 and not taken:  # another worker's stale check takes it now
+            taken.append(trial.number)
+            _fail_as_a_stale_check_does(storage, study, trial._trial_id)
 
-    thief = threading.Thread(target=take_the_running_trial)
-    thief.start()
+    monkeypatch.setattr(optuna.trial.Trial, "report", report_then_lose_the_trial)
     summary = work(name, sqlite_storage_url)
-    thief.join()
+    assert taken == [0]
     assert (summary.taken, summary.complete, summary.failed) == (1, 1, 0)
     seen = [(t.number, t.state.name, t.system_attrs.get("failed_trial")) for t in study.trials]
     assert study.trials[0].state == TrialState.FAIL, seen
