@@ -25,6 +25,7 @@ from tlopt.errors import TloptError
 from tlopt.tune import budget, sampling, supervisor
 from tlopt.tune import study as studies
 from tlopt.tune.storage import open_storage
+from tlopt.tune.worker import work
 
 SPACE = """[search]
 batch_size = [32, 64]
@@ -159,9 +160,15 @@ def test_space_size_counts_every_searched_value(tmp_path: Path, search: str, siz
     assert len(walked) == size
 
 
-def test_sampler_seed_is_the_study_seed_and_the_slot() -> None:
-    seeds = {sampling.sampler_seed(s, slot, r) for s in (0, 1) for slot in (0, 1) for r in (0, 1)}
-    assert len(seeds) == 8  # study seed, slot and restart each change it
+def test_sampler_seed_is_the_study_seed_the_study_and_the_slot() -> None:
+    seeds = {
+        sampling.sampler_seed(s, slot, r, study)
+        for s in (0, 1)
+        for slot in (0, 1)
+        for r in (0, 1)
+        for study in ("run/freeze1", "run/freeze2")
+    }
+    assert len(seeds) == 16  # study seed, slot, restart and study each change it
     assert sampling.sampler_seed(7, 2, 1) == sampling.sampler_seed(7, 2, 1)  # and nothing else
     sampler = sampling.make_sampler(0)
     # Set, not left to Optuna's defaults (5.0 turned both on; 4.x had both off).
@@ -198,6 +205,24 @@ def test_one_seed_one_study_two_single_worker_runs_propose_the_same(tmp_path: Pa
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append(_proposed(url))
     assert len(runs[0]) == 14 and runs[0] == runs[1], runs
+
+
+@pytest.mark.slow
+def test_two_studies_of_one_seed_propose_different_points(tmp_path: Path) -> None:
+    """freeze1 and freeze2 of one run share its seed: each study's sampler is its own, or the
+    second stage would run the first one's points again."""
+    url = f"sqlite:///{tmp_path}/runs.db"
+    search = SPACE.replace("lr = [1e-3, 3e-3]", "lr = {low = 1e-4, high = 1e-2}")
+    for name in ("smp", "smq"):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(f'name = "{name}"\nseed = 5\nn_trials = 2\n' + TINY_DATA_MODEL + search)
+        studies.create(load_config(path), "head", url)
+        work(f"{name}/head", url)
+    lrs = [
+        [t.params["lr"] for t in optuna.load_study(study_name=f"{n}/head", storage=url).trials]
+        for n in ("smp", "smq")
+    ]
+    assert len(lrs[0]) == len(lrs[1]) == 2 and not set(lrs[0]) & set(lrs[1]), lrs
 
 
 # --- CPU threads per slot --------------------------------------------------------------------

@@ -149,7 +149,7 @@ def work(
     study = optuna.load_study(
         study_name=study_name,
         storage=storage,
-        sampler=make_sampler(config.seed, slot, restarts),
+        sampler=make_sampler(config.seed, slot, restarts, study_name),
         pruner=make_pruner(
             pruner.type, pruner.n_startup_trials, pruner.n_warmup_steps, pruner.options
         ),
