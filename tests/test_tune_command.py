@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from tests.conftest import run_in_group
 from tlopt import cli
 from tlopt.config import StudyConfig, load_config
-from tlopt.pipeline import build_config, write_study_file
+from tlopt.run import build_config, write_study_file
 
 # A tiny timm network from scratch at 32 px, 2 trials of 2 epochs per stage: seconds on a CPU.
 FLAGS = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32"]
@@ -226,7 +226,7 @@ def test_a_folder_runs_head_searches_its_rate_and_dropout_and_fine_tuning_keeps_
     taken as written."""
     data, run = shapes_folder(tmp_path / "shapes"), tmp_path / "run"
     flags = dict.fromkeys(("trials", "epochs", "backbone", "weights", "image_size"))
-    config, _, _ = build_config(run, data, None, **flags)
+    config = build_config(run, data, None, **flags).config
     head, freeze1 = config.space_for("head"), config.space_for("freeze1")
     assert (head.lr, head.dropout) == ((3e-4, 1e-3, 3e-3), (0.2, 0.5))
     assert freeze1.dropout == config.search.dropout == (0.2,)
@@ -234,9 +234,9 @@ def test_a_folder_runs_head_searches_its_rate_and_dropout_and_fine_tuning_keeps_
     run.mkdir()
     write_study_file(config, run / "study.toml")
     assert "[stages.head]" in (run / "study.toml").read_text()
-    again, _, _ = build_config(run, None, run / "study.toml", **flags)
+    again = build_config(run, None, run / "study.toml", **flags).config
     assert again.space_for("head") == head
-    demo, _, _ = build_config(run, None, Path(__file__).parents[1] / "studies/demo.toml", **flags)
+    demo = build_config(run, None, Path(__file__).parents[1] / "studies/demo.toml", **flags).config
     assert "head" not in demo.stages  # a study file's own [stages] only
 
 

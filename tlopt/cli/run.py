@@ -69,8 +69,9 @@ def tune(
     """Run every stage's study, export the best stage and report them; run again to resume."""
     import contextlib
 
-    from tlopt.pipeline import placement, stdout_to_stderr
-    from tlopt.pipeline import tune as run
+    from tlopt.cli.common import stdout_to_stderr
+    from tlopt.run import placement
+    from tlopt.run import tune as run
 
     epoch_list = None
     if epochs is not None:
@@ -148,7 +149,7 @@ def worker(
     as_json: JsonOpt = False,
 ) -> None:
     """Run trials until the study holds its budget of finished trials."""
-    from tlopt.pipeline import stdout_to_stderr
+    from tlopt.cli.common import stdout_to_stderr
 
     with stdout_to_stderr() if as_json else contextlib.nullcontext():
         code, summary = _run_workers(

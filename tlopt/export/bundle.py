@@ -51,7 +51,7 @@ from tlopt.tune.context import StudyContext
 from tlopt.tune.objective import WEIGHTS
 from tlopt.tune.runner import TrialRun, log_epoch, train_setup
 from tlopt.tune.space import TrialSetup, suggest
-from tlopt.tune.study import best_trial, load
+from tlopt.tune.study import best_trial, load, trial_identity
 
 log = logging.getLogger("tlopt.export")
 
@@ -90,12 +90,17 @@ def export_best(
     device: str | None = None,
     force: bool = False,
     retrain: bool = False,
+    trial: optuna.trial.FrozenTrial | None = None,
 ) -> dict[str, Any]:
-    """Export the best trial of ``study_name`` to ``out``: the weights it trained, when its
-    study kept them (``tlopt.weights``; a head trial's head), else (or with ``retrain``)
-    retrained with the study's seed."""
+    """Export the best trial of ``study_name`` (or ``trial``, chosen by the caller once) to
+    ``out``: the weights it trained, when its study kept them (``tlopt.weights``; a head
+    trial's head), else (or with ``retrain``) retrained with the study's seed.
+
+    The files are written beside ``out`` and moved into place whole, the manifest last: a kill
+    at any moment leaves the old export or the new one, never a mix (:func:`recover`)."""
     study = load(study_name, storage_url)
-    best = best_trial(study)
+    best = trial if trial is not None else best_trial(study)
+    recover(out)
     _prepare_out(out, force)
     # From the head the trial started from (trials before heads were recorded: the study's first).
     head = best.user_attrs.get(HEAD) or study.user_attrs.get(FIRST_HEAD)
@@ -125,8 +130,8 @@ def export_best(
     metrics = classification_metrics(y_true, logits.argmax(1), ctx.classes)
     metrics["split"] = evaluated
 
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        stage = Path(tmp)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+    try:
         _write_model(model, stage / "model", ctx)
         _write_history(history, stage)
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -144,6 +149,7 @@ def export_best(
             "study": study_name,
             "stage": ctx.stage.name,
             "trial": best.number,
+            "identity": trial_identity(best),
             "params": best.params,
             "train_params": {**dataclasses.asdict(params), "dropout": dropout},
             "seed": ctx.config.seed,
@@ -172,12 +178,30 @@ def export_best(
             "files": list(FILES),
         }
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-        for item in stage.iterdir():
-            target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            item.replace(target)
+        _swap(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return manifest
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Put the folder ``new`` in the place of ``out`` by two renames; what else ``out`` held
+    (the user's own files) moves into the new folder first."""
+    for item in out.iterdir():
+        if not (new / item.name).exists():
+            item.replace(new / item.name)
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    out.replace(old)
+    new.replace(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(out: Path) -> None:
+    """An export killed between its two renames: the old one back in its place."""
+    old = out.parent / f".{out.name}.old"
+    if old.is_dir() and not out.exists():
+        old.replace(out)
 
 
 def _kept(best: optuna.trial.FrozenTrial, ctx: StudyContext, setup: TrialSetup) -> TrialRun | None:

@@ -65,6 +65,19 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return min(done, key=lambda t: t.value if t.value is not None else float("inf"))
 
 
+def trial_identity(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """What names this trial and no other, also after its study is deleted and made again
+    (trial numbers restart; SQLite may hand out a deleted row's id again; an artifact id is a
+    uuid): an export records it, and is current while the storage holds the same."""
+    from tlopt.tune.objective import WEIGHTS
+
+    weights = trial.user_attrs.get(WEIGHTS) or trial.user_attrs.get(ATTR + "head_artifact")
+    # FrozenTrial has no public id: ``_trial_id`` is the storage's key of the trial, the one
+    # handle that survives renumbering (Optuna's own storages and callbacks use it).
+    return {"trial_id": trial._trial_id, "weights": weights,
+            "completed": str(trial.datetime_complete)}  # fmt: skip
+
+
 def best_head(head_study: optuna.Study) -> dict[str, Any]:
     """The best head of a head study, as a fine-tuning study (and each of its trials) records
     the head it starts from: study, trial, value, accuracy, weights (artifact), params."""

@@ -99,11 +99,14 @@ def allot(
     seconds: float,
     fixed_epochs: set[str],
     max_trials: dict[str, int],
+    reserve: float | None = None,
 ) -> list[Allotment]:
     """Share ``seconds`` (what is left for the stages, the export and the report) among the
-    plan's stages. ``fixed_epochs``: stages whose epoch choices the user set (kept);
-    ``max_trials``: each stage's trials still to run at most (its budget less the finished)."""
-    return _share(plan, seconds - export_seconds(plan), fixed_epochs, max_trials)
+    plan's stages. ``fixed_epochs``: stages whose epoch choices are kept (the user's, or
+    their studies'); ``max_trials``: each stage's trials still to run at most (its budget less
+    the finished); ``reserve``: the export and report's seconds (None: the plan's guess)."""
+    reserve = export_seconds(plan) if reserve is None else reserve
+    return _share(plan, seconds - reserve, fixed_epochs, max_trials)
 
 
 def _share(
@@ -197,7 +200,7 @@ def table(allotted: list[Allotment], budget: float, spent: float, reserve: float
     """The time plan as lines: per stage its trials, epoch choices and minutes; the export."""
     lines = [
         f"time budget {format_duration(budget)}: {spent / 60:.1f} min spent before the stages "
-        "(size probe, plan); each stage's share:"
+        "(size probe, plan; earlier runs of this folder); each stage's share:"
     ]
     for a in allotted:
         epochs = ",".join(map(str, a.epochs))

@@ -1,0 +1,444 @@
+"""``tlopt tune``: the whole staged search in one command, resumable.
+
+It writes ``RUN/study.toml`` and ``RUN/run.json`` and calls what ``study create``, ``worker``,
+``export-best`` and ``report`` call: each stage's study in order, the best trial of the run
+exported to ``RUN/export``, every stage reported in ``RUN/report``. Run again, it decides from
+what the run folder and the studies hold: it reuses the studies of the same name and config,
+runs no stage that holds its budget, spends only what is left of the same ``--time``, and never
+replaces an export with a worse one. Ctrl-C or SIGTERM anywhere exports the best trial so far
+and ends with exit 130.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tlopt.config import AUTO_SIZE, StudyConfig
+from tlopt.errors import ConfigError, Stopped, TloptError
+from tlopt.run.finish import candidates, finish
+from tlopt.run.held import Held, adopt_epochs, check_order, check_studies
+from tlopt.run.options import DEFAULT_STAGES, DEFAULT_TIME, EVERY, build_config, parse_stages
+from tlopt.run.placement import Placement, threads_now
+from tlopt.run.record import Clock, RunRecord, check_run_storage, run_storage
+from tlopt.run.size import choose_size, recorded_size, with_size
+from tlopt.run.stage import Box, Say, run_stage
+from tlopt.run.study_file import write_study_file
+from tlopt.tune.timebox import Allotment, format_duration
+
+if TYPE_CHECKING:
+    from tlopt.tune.plan import Plan
+
+
+@contextlib.contextmanager
+def _sigterm_is_ctrl_c() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt as Ctrl-C does, wherever the run is (the worker loop
+    takes both signals over while it runs, and gives them back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def tune(
+    out: Path,
+    data: Path | None = None,
+    config_file: Path | None = None,
+    stages: str = DEFAULT_STAGES,
+    place: Placement | None = None,
+    say: Say = print,
+    **flags: Any,
+) -> dict[str, Any]:
+    """Run or resume the stages into ``out``; returns the summary that ``--json`` prints.
+
+    ``flags`` (None: the study file's or the default): name, seed, trials, backbone, weights,
+    image_size (a number or "auto"), epochs, storage, time (e.g. "20m"), plan_only."""
+    with _sigterm_is_ctrl_c():
+        run = _Run(out, data, config_file, stages, place or Placement(), say, flags)
+        try:
+            return run.go()
+        except KeyboardInterrupt:
+            raise run.stopped() from None
+
+
+class _Run:
+    """One invocation of ``tlopt tune``: what it has decided so far, for the stop to use."""
+
+    def __init__(
+        self,
+        out: Path,
+        data: Path | None,
+        config_file: Path | None,
+        stages: str,
+        place: Placement,
+        say: Say,
+        flags: dict[str, Any],
+    ) -> None:
+        self.began = time.monotonic()
+        self.plan_only = bool(flags.pop("plan_only", False))
+        self.defaulted = config_file is None and not any(
+            flags.get(k) for k in ("time", "trials", "epochs")
+        )
+        self.out, self.data, self.config_file, self.say = out.expanduser(), data, config_file, say
+        self.names, self.place, self.flags = parse_stages(stages), place, flags
+        self.held: Held | None = None
+        self.clock: Clock | None = None
+        self.config: StudyConfig | None = None
+        self.plan: Plan | None = None
+        self.probe: dict[str, Any] | None = None
+        self.stages: list[str] = list(self.names)  # the run's: these and those it ran before
+        self.ran: dict[str, int] = {}
+        self.exporting = False
+        self._measured: dict[str, Any] = {}
+
+    def go(self) -> dict[str, Any]:
+        from tlopt.tune.context import open_config_source
+        from tlopt.tune.timebox import PROBE_SHARE
+
+        out, say, names = self.out, self.say, self.names
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out '{out}' is a file: pass a folder for the run")
+        run = build_config(out, self.data, self.config_file, **self.flags)
+        config, url = run.config, run.url
+        record = RunRecord.read(out)
+        check_run_storage(out, url, record)
+        open_config_source(config)  # the data's one-line errors, before anything is written
+        self.clock = clock = Clock(config.time_budget, record, self.began)
+        if config.time_budget:
+            clock.check()
+        self.held = held = Held(config.name, url)
+        was = record.get("stages")
+        self.stages += [s for s in was if s not in names] if isinstance(was, list) else []
+        check_order(config, names, held)  # before the probe spends anything
+        if self.defaulted:
+            say(
+                f"no --time, --trials or --epochs: a budget of {DEFAULT_TIME} (--time sets another)"
+            )
+        if config.data.image_size == AUTO_SIZE:
+            self.probe = recorded_size(config, record, say)
+            if self.probe is None:
+                self.place = threads_now(self.place)  # the probe's features serve the workers
+                share = clock.left() * PROBE_SHARE if config.time_budget else None
+                self.probe = choose_size(config, self.place, share, say)
+                clock.saving = not self.plan_only  # the probe's time and choice are the run's
+                clock.save(storage=run_storage(out, url), size_probe=self.probe)
+            config = with_size(config, self.probe)
+        written = config  # the study file: what the user set, at the chosen size
+        keep = {st for st in names if run.epochs_set(st)}
+        config, taken = adopt_epochs(config, names, held, keep)
+        check_studies(config, names, held)
+        self.place = threads_now(self.place)  # after the checks, so that a refusal is its one line
+        self.config, self.plan = config, self._plan(config, record)
+        shares: list[Allotment] = []
+        if config.time_budget:
+            config, shares = self._allot(config, clock.left(), taken | _every(run.fixed, names))
+            check_studies(config, names, held)
+        self._say_plan(shares)
+        if self.plan_only:
+            result = {"name": config.name, "storage": _masked(url), "plan": self.plan.as_dict()}
+            return result | ({"image_size": self.probe} if self.probe else {})
+        clock.saving = True
+        clock.save(
+            storage=run_storage(out, url),
+            stages=self.stages,
+            measured_plan=self._measured,
+            **({"size_probe": self.probe} if self.probe else {}),
+        )
+        notes = self.probe["table"] if self.probe else []
+        write_study_file(written, out / "study.toml", notes, epochs_set=EVERY in run.fixed)
+        say(f"study file {out / 'study.toml'}; studies in {_masked(url)}")
+        self.config = config
+        clock.fixed += clock.now()  # the probe, the plan, the checks: what trains no trial
+        try:
+            self._run_stages(config, shares)
+            self.exporting = True
+            return finish(
+                config,
+                held,
+                out,
+                self.place,
+                self.stages,
+                self.ran,
+                self.plan,
+                self.probe,
+                clock,
+                say,
+            )
+        finally:
+            self._closing_line()
+
+    # --- the plan ------------------------------------------------------------------------
+
+    def _plan(self, config: StudyConfig, record: RunRecord) -> Plan:
+        """The measured plan: the record's, when it was measured for this run as it is now
+        (a rerun measures nothing again), else measured here (tlopt.tune.plan)."""
+        from tlopt.tune.plan import make_plan
+
+        assert self.held is not None
+        held, key = self.held, self._plan_key(config)
+        left = {st: held.remaining(config, st) for st in self.names}
+        was = record.get("measured_plan")
+        plan = _plan_from(was, key, config, left) if isinstance(was, dict) else None
+        if plan is None:
+            plan = make_plan(
+                config,
+                self.names,
+                left.__getitem__,
+                self.place.plan_device,
+                self.place.heads_at_once,
+            )
+        else:
+            self.say("plan: as measured by this run before (its costs per epoch and trial)")
+        self._measured = {"key": key, "plan": plan.as_dict()}
+        return plan
+
+    def _plan_key(self, config: StudyConfig) -> dict[str, Any]:
+        p = self.place
+        return {
+            "backbone": config.model.backbone,
+            "weights": config.model.weights,
+            "image_size": config.data.image_size,
+            "data": config.data.path,
+            "device": p.plan_device,
+            "threads": p.threads,
+            "processes": p.processes,
+            "heads_at_once": p.heads_at_once,
+            "batch_sizes": {s: list(config.space_for(s).batch_size) for s in self.names},
+        }
+
+    def _allot(
+        self, config: StudyConfig, seconds: float, keep: set[str]
+    ) -> tuple[StudyConfig, list[Allotment]]:
+        """The time budget's share per stage; the config with the chosen epochs."""
+        from tlopt.tune.timebox import HOLDS, allot
+
+        assert self.held is not None and self.plan is not None
+        plan, held = self.plan, self.held
+        caps = {st: held.remaining(config, st) for st in self.names}
+        shares = allot(plan, seconds, keep, caps, self._export_reserve())
+        stages = {**config.stages}
+        for a in shares:
+            if a.stage not in keep and a.trials:
+                stages[a.stage] = {**stages.get(a.stage, {}), "epochs": a.epochs}
+        self.plan = replace(
+            plan,
+            stages=tuple(
+                replace(s, trials=a.trials, epochs=a.epochs)
+                for s, a in zip(plan.stages, shares, strict=True)
+            ),
+        )
+        head = next((a for a in shares if a.stage == "head"), None)
+        if head is not None and head.trials == 0 and head.why != HOLDS:  # the others need it
+            raise ConfigError(
+                f"--time {format_duration(config.time_budget)} is too short for the head stage "
+                f"({head.why}): give a longer --time"
+            )
+        return replace(config, stages=stages), shares
+
+    def _export_reserve(self) -> float:
+        """The export and report's reserve: as this run measured them, else the plan's guess."""
+        from tlopt.tune.timebox import REPORT_S, export_seconds
+
+        assert self.clock is not None and self.plan is not None
+        was = self.clock.record.get("export_seconds")
+        if isinstance(was, (int, float)):
+            report = self.clock.record.get("report_seconds")
+            return float(was) + (float(report) if isinstance(report, (int, float)) else REPORT_S)
+        return export_seconds(self.plan)
+
+    def _say_plan(self, shares: list[Allotment]) -> None:
+        from tlopt.tune.plan import table, warning
+        from tlopt.tune.timebox import table as time_table
+
+        assert self.plan is not None and self.config is not None and self.clock is not None
+        for line in table(self.plan):
+            self.say(line)
+        if (warn := warning(self.plan)) is not None:
+            self.say(warn)
+        if shares:
+            budget, reserve = self.config.time_budget, self._export_reserve()
+            for line in time_table(shares, budget, self.clock.spent(), reserve):
+                self.say(line)
+
+    # --- the stages -----------------------------------------------------------------------
+
+    def _run_stages(self, config: StudyConfig, shares: list[Allotment]) -> None:
+        """Each stage in order; with a time budget each gets its share (what one leaves unspent
+        goes to the next, the last runs to the export's reserve) and starts no trial whose
+        longest epoch choice cannot end by then."""
+        from tlopt.tune.timebox import HOLDS, trial_seconds
+        from tlopt.tune.worker import STOP
+
+        assert self.held is not None and self.clock is not None and self.plan is not None
+        held, clock, say = self.held, self.clock, self.say
+        done = self._on_trial_done
+        if not shares:
+            for stage in self.names:
+                before = held.finished(stage)
+                try:
+                    run_stage(config, stage, held, self.place, say, on_trial_done=done)
+                finally:
+                    self.ran[stage] = held.finished(stage) - before
+                    clock.save()
+                if STOP.is_set():  # Ctrl-C or SIGTERM in the worker: the run stops here
+                    raise KeyboardInterrupt
+            return
+        by_stage = {a.stage: a for a in shares}
+        stop = clock.end() - self._export_reserve()  # the stages' end: the export's reserve
+        runs = [s for s in self.names if by_stage[s].trials or by_stage[s].why == HOLDS]
+        stages_began, planned, any_complete = time.monotonic(), 0.0, False
+        for stage in self.names:
+            a, ours = by_stage[stage], self.plan.stages[self.names.index(stage)]
+            planned += a.seconds
+            if stage not in runs:
+                say(f"stage {stage}: {a.why}")
+                continue
+            now = time.monotonic()
+            until = stop if stage == runs[-1] else min(stages_began + planned, stop)
+            longest = trial_seconds(ours, (max(a.epochs),))
+            if a.trials and stop - now < longest:
+                say(
+                    f"stage {stage}: left out: {max(0.0, stop - now) / 60:.1f} min are left "
+                    f"before the export and its longest trial costs {longest / 60:.1f} min here"
+                )
+                continue
+            # The stage runs trials (up to its trial budget) until its time is up: the share's
+            # count is what the plan expects, and a stage whose trials run faster runs more.
+            cap = max(a.trials, held.remaining(config, stage))
+            before = held.finished(stage)
+            staged = replace(config, n_trials=max(1, cap + before))
+            box = Box(max(1.0, until - now - longest), time.time() + stop - now, a.trials)
+            try:
+                completed = run_stage(staged, stage, held, self.place, say, box, done)
+            finally:
+                self.ran[stage] = held.finished(stage) - before
+                clock.save()
+            any_complete = any_complete or completed
+            if STOP.is_set():  # Ctrl-C or SIGTERM, not the deadline: the run stops here
+                raise KeyboardInterrupt
+            if not completed and stage == "head" and not held.best("head"):
+                raise TloptError("no head trial completed in its time: give a longer --time")
+        if not candidates(held, self.stages):
+            raise TloptError("no stage completed a trial in its time: give a longer --time")
+
+    def _on_trial_done(self, *args: Any) -> None:
+        """Each finished trial: its curves and note (for the dashboard), the time in run.json."""
+        from tlopt.report.trial_artifacts import write_trial_artifacts
+
+        write_trial_artifacts(*args)
+        if self.clock is not None:
+            self.clock.save()
+
+    # --- the end --------------------------------------------------------------------------
+
+    def _closing_line(self) -> None:
+        """The time spent of the budget, and the share of it that trained no trial."""
+        clock, config = self.clock, self.config
+        if clock is None or config is None or not config.time_budget:
+            return
+        clock.save()
+        spent, budget = clock.spent(), config.time_budget
+        over = spent - budget
+        note = f", {over:.0f} s ({over / budget:.1%}) over" if over > 0 else ""
+        say = f"time: {spent / 60:.1f} min of {format_duration(budget)} spent{note}"
+        if clock.fixed:
+            say += f"; fixed costs (probe, plan, export, report) {clock.fixed / 60:.1f} min, "
+            say += f"{clock.fixed / max(clock.now(), 1e-9):.0%} of this run's"
+        self.say(say)
+
+    def stopped(self) -> Stopped:
+        """Ctrl-C or SIGTERM: the best trial so far exported (from its kept weights: seconds;
+        Ctrl-C again skips it), then the one line that ends the run (exit 130)."""
+        keep = "every finished trial is kept; run again to resume"
+        held, config, clock = self.held, self.config, self.clock
+        if self.exporting:
+            return Stopped(
+                f"stopped during the export: {self.out / 'export'} holds the export "
+                f"before it, whole; {keep}"
+            )
+        if held is None or config is None or clock is None:
+            return Stopped(f"stopped before anything was written: {keep}")
+        if not candidates(held, self.stages):
+            return Stopped(f"stopped before a trial completed: {keep}")
+        self.say("stopped: exporting the best trial so far (Ctrl-C again skips it)")
+        try:
+            self.exporting = True
+            finish(
+                config,
+                held,
+                self.out,
+                self.place,
+                self.stages,
+                self.ran,
+                self.plan,
+                self.probe,
+                clock,
+                self.say,
+            )
+        except KeyboardInterrupt:
+            return Stopped(
+                f"stopped again: the export was skipped ({self.out / 'export'} holds "
+                f"the one before, whole); {keep}"
+            )
+        finally:
+            self._closing_line()
+        return Stopped(
+            f"stopped: the best trial so far is exported to {self.out / 'export'}; {keep}"
+        )
+
+
+def _every(fixed: frozenset[str], names: list[str]) -> set[str]:
+    return set(names) if EVERY in fixed else set(fixed)
+
+
+def _masked(url: str) -> str:
+    from tlopt.tune.storage import mask_url
+
+    return mask_url(url)
+
+
+def _plan_from(
+    was: dict[str, Any], key: dict[str, Any], config: StudyConfig, left: dict[str, int]
+) -> Plan | None:
+    """The recorded measured plan, for the run as it is now (None: measured for another)."""
+    from tlopt.tune.plan import Plan, StagePlan
+
+    if was.get("key") != _jsonable(key):
+        return None
+    try:
+        stages = {s["stage"]: s for s in was["plan"]["stages"]}
+        plans = []
+        for stage, trials in left.items():
+            s = stages[stage]
+            costs = {int(k): float(v) for k, v in s["epoch_seconds"].items()}
+            if trials and not costs:  # not measured then (nothing was left to run)
+                return None
+            plans.append(
+                StagePlan(
+                    stage,
+                    trials,
+                    config.space_for(stage).epochs,
+                    costs,
+                    float(s["setup_seconds"]),
+                    float(s["trial_seconds"]),
+                )
+            )
+        return Plan(tuple(plans), str(was["plan"]["device"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value))
