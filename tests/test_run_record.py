@@ -18,6 +18,7 @@ import torch
 
 from tests.conftest import kill_group
 from tests.test_tune_command import FLAGS, shapes_folder, trials, tune_in_process
+from tlopt.errors import TloptError
 from tlopt.export.bundle import FILES, recover
 from tlopt.run import Placement, build_config, write_study_file
 from tlopt.run.placement import threads_now
@@ -215,3 +216,42 @@ def test_sigterm_during_the_size_probe_is_one_line_and_exit_130(tmp_path: Path) 
     assert proc.returncode == 130, err[-3000:]
     assert "stopped before" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+
+
+OLD = Path(__file__).parent / "fixtures" / "old_rules_snapshot.json"
+
+
+def test_a_study_made_by_the_old_rules_is_read_and_resumed_by_them(tmp_path: Path) -> None:
+    """The fixture is a snapshot written by tlopt before presence (every [search] field held;
+    a fine-tuning stage took warm-up 1 and layer decay 0.7 where [search] equalled the default,
+    a tenth of the rate, the rate as written at every batch size), with the spaces that tlopt
+    gave it. Read now it gives the same spaces, and a run whose studies hold it resumes."""
+    from dataclasses import asdict
+
+    from tlopt.config import StudyConfig, load_config
+    from tlopt.run.held import Held, adopt_rules, check_studies
+    from tlopt.tune.study import snapshot
+
+    old = json.loads(OLD.read_text())
+    config = StudyConfig.from_dict(old["snapshot"])
+    assert config.rules == 1
+    for stage, then in old["space_for"].items():
+        now = asdict(config.space_for(stage))
+        for key, value in then.items():
+            got = list(now[key]) if isinstance(now[key], tuple) else now[key]
+            assert got == value, (stage, key)
+        assert now["lr_batch_size"] == 0  # the field came later: the rate as written
+    assert snapshot(config) == old["snapshot"] | {"rules": 1}
+
+    # A run whose head study holds the old snapshot: its study file, read now, resumes it.
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    study = optuna.create_study(study_name=f"{config.name}/head", storage=url)
+    study.set_user_attr("tlopt.config", old["snapshot"])
+    (tmp_path / "plain.toml").write_text(old["study_file"])
+    current = load_config(tmp_path / "plain.toml")
+    held = Held(config.name, url)
+    with pytest.raises(TloptError):  # by today's rules it is another config
+        check_studies(current, ["head", "freeze1"], held)
+    resumed = adopt_rules(current, ["head", "freeze1"], held)
+    check_studies(resumed, ["head", "freeze1"], held)
+    assert resumed.space_for("freeze1") == config.space_for("freeze1")

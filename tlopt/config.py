@@ -107,6 +107,29 @@ FINE_TUNE_DEFAULTS: dict[str, Any] = {
     "layer_decay": (0.7,),
     "lr_batch_size": 32,
 }
+# The rules a config is read by, numbered: a study stores the number with its snapshot and is
+# read by its own rules ever after, so that a study made by an older tlopt resumes (and its
+# trials are replayed by export-best) as they were made. A study file is read by the newest.
+#   1  (before presence): a snapshot holds every [search] field; a fine-tuning stage takes warm-up
+#      1 and layer decay 0.7 where [search] equals the [search] default, a tenth of the rate, and
+#      the rate as written at every batch size.
+#   2  presence: a [search] value written on purpose holds (the snapshot leaves out the others).
+#   3  lr_batch_size: a fine-tuning stage's rate is the rate at batch size 32.
+#   4  a fine-tuning stage searches 0.01, 0.03 and 0.1 of the rate.
+RULES = 4
+_LR_FACTORS = {1: (0.1,), 2: (0.1,), 3: (0.1,), 4: FINE_TUNE_LR_FACTORS}
+
+
+def rules_of(raw: dict[str, Any]) -> int:
+    """The rules a stored snapshot was written under: its ``rules``; a snapshot without it
+    that holds warm-up and layer decay but no ``lr_batch_size`` was written before presence
+    (rules 1, which held every field); any other, by this version's (rules 2 and 3 wrote the
+    same fields as 4 and cannot be told from it)."""
+    if isinstance(raw.get("rules"), int):
+        return int(raw["rules"])
+    search: dict[str, Any] = raw["search"] if isinstance(raw.get("search"), dict) else {}
+    old = "warmup_epochs" in search and "layer_decay" in search and "lr_batch_size" not in search
+    return 1 if old else RULES
 
 
 def fine_tunes_from_head(stage: str) -> bool:
@@ -147,6 +170,7 @@ class StudyConfig:
     # The FINE_TUNE_DEFAULTS fields [search] wrote; the snapshot (to_dict) leaves out the others.
     search_written: frozenset[str] = frozenset()
     time_budget: float = 0.0  # [budget] time, in seconds (0: none): tlopt tune --time
+    rules: int = RULES  # the rules it is read by (see RULES)
 
     def space_for(self, stage: str) -> SearchSpace:
         """The search space of ``stage``: ``[search]`` with ``[stages.STAGE]`` on top.
@@ -159,19 +183,26 @@ class StudyConfig:
         space = self.search
         if fine_tunes_from_head(stage):
             tuned: dict[str, Any] = {
-                name: fine
-                for name, fine in FINE_TUNE_DEFAULTS.items()
-                if name not in self.search_written
+                name: fine for name, fine in FINE_TUNE_DEFAULTS.items() if self._takes_default(name)
             }
-            lr, low, high = space.lr, min(FINE_TUNE_LR_FACTORS), max(FINE_TUNE_LR_FACTORS)
+            factors = _LR_FACTORS[self.rules]
+            lr, low, high = space.lr, min(factors), max(factors)
             if isinstance(lr, FloatRange):
                 tuned["lr"] = replace(lr, low=lr.low * low, high=lr.high * high)
             else:
-                rates = {float(f"{v * f:.6g}") for v in lr for f in FINE_TUNE_LR_FACTORS}
+                rates = {float(f"{v * f:.6g}") for v in lr for f in factors}
                 tuned["lr"] = tuple(sorted(rates))
             space = replace(space, **tuned)
         override = self.stages.get(stage, {})
         return replace(space, **override) if override else space
+
+    def _takes_default(self, name: str) -> bool:
+        """Does a fine-tuning stage take FINE_TUNE_DEFAULTS[name], by this config's rules?"""
+        if name == "lr_batch_size" and self.rules < 3:
+            return False
+        if self.rules == 1:  # by equality with the [search] default, as written then
+            return bool(getattr(self.search, name) == getattr(SearchSpace(), name))
+        return name not in self.search_written
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot (stored in the study) that parses back to ``self``.
@@ -182,7 +213,8 @@ class StudyConfig:
         raw = asdict(self)
         written = raw.pop("search_written")
         for name in FINE_TUNE_DEFAULTS:
-            if name not in written:
+            held = self.rules == 1 and name != "lr_batch_size"  # rules 1 held every field
+            if name not in written and not held:
                 del raw["search"][name]
         if seconds := raw.pop("time_budget"):
             from tlopt.tune.timebox import format_duration
@@ -196,7 +228,7 @@ class StudyConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "<snapshot>") -> StudyConfig:
         from tlopt.config_parser import Parser  # it builds these classes: imported on use
 
-        return Parser(source).study(raw, base_dir=None)
+        return Parser(source).study({**raw, "rules": rules_of(raw)}, base_dir=None)
 
 
 def _jsonable(value: Any) -> Any:

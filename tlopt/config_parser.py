@@ -15,6 +15,7 @@ from tlopt.config import (
     AUTO_SIZE,
     BATCH_SIZES,
     FINE_TUNE_DEFAULTS,
+    RULES,
     Check,
     Choice,
     DataConfig,
@@ -126,6 +127,7 @@ class Parser:
             "storage",
             "budget",
             "description",
+            "rules",
         ]
         self.known(raw, top, "")
         name = self.text(raw, "name", "study", "")
@@ -135,6 +137,7 @@ class Parser:
         seed = self.number(raw, "seed", d.seed, int, 0, 2**32 - 1, "")
         n_trials = self.number(raw, "n_trials", d.n_trials, int, 1, 1_000_000, "")
         timeout = self.number(raw, "timeout", d.timeout, float, 0, 1e9, "")
+        rules = self.number(raw, "rules", RULES, int, 1, RULES, "")
         data = self.data(self.table(raw, "data"), base_dir)
         model = self.model(self.table(raw, "model"))
         search_raw = self.table(raw, "search")
@@ -162,7 +165,7 @@ class Parser:
             raise ConfigError("\n".join(self.problems))
         return StudyConfig(
             name, seed, n_trials, timeout, data, model, search, stages, pruner, storage, written,
-            time_budget,
+            time_budget, rules,
         )  # fmt: skip
 
     def budget(self, raw: dict[str, Any]) -> float:

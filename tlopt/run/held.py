@@ -94,14 +94,14 @@ def check_order(config: StudyConfig, names: list[str], held: Held) -> None:
 
 def check_studies(config: StudyConfig, names: list[str], held: Held) -> None:
     """Before anything runs: a study of this name holds this config, and head comes first."""
-    from tlopt.tune.study import create, snapshot
+    from tlopt.tune.study import create, read_now, snapshot
 
     check_order(config, names, held)
     for stage in names:
         stored = held.stored_config(stage)
-        if stored is not None and _but_budget(stored, stage) != _but_budget(
-            snapshot(config), stage
-        ):
+        if stored is None:
+            continue
+        if _but_budget(read_now(stored), stage) != _but_budget(snapshot(config), stage):
             create(config, stage, held.url, dry_run=True)  # its error shows the difference
 
 
@@ -116,6 +116,15 @@ def _but_budget(config: Any, stage: str) -> Any:
     if isinstance(rest.get("stages"), dict):
         rest["stages"] = {k: v for k, v in rest["stages"].items() if k == stage}
     return rest
+
+
+def adopt_rules(config: StudyConfig, names: list[str], held: Held) -> StudyConfig:
+    """A run whose studies were made by older rules resumes by them (config.RULES): the
+    oldest rules its existing studies hold, for every stage of it."""
+    from tlopt.config import rules_of
+
+    rules = [rules_of(s) for s in map(held.stored_config, names) if s is not None]
+    return replace(config, rules=min(rules)) if rules and min(rules) < config.rules else config
 
 
 def adopt_epochs(

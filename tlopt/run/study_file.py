@@ -32,6 +32,7 @@ COMMENTS = {  # one per top-level key or table
     "data": "one folder per class, or train/ and val/ (and test/) of class folders",
     "model": "any timm backbone; weights: pretrained, bundled, none or file:PATH",
     "search": "a list is a choice; one element fixes the value",
+    "rules": "the rules tlopt reads this file by (an older run keeps its own)",
 }
 DROPPED_WHEN_EMPTY = ("stages", "options", "decay_params")
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from tlopt.config import AUTO_SIZE, StudyConfig
 from tlopt.errors import ConfigError, Stopped, TloptError
 from tlopt.run.finish import candidates, finish
-from tlopt.run.held import Held, adopt_epochs, check_order, check_studies
+from tlopt.run.held import Held, adopt_epochs, adopt_rules, check_order, check_studies
 from tlopt.run.options import DEFAULT_STAGES, DEFAULT_TIME, EVERY, build_config, parse_stages
 from tlopt.run.placement import Placement, threads_now
 from tlopt.run.record import Clock, RunRecord, check_run_storage, run_storage
@@ -133,6 +133,7 @@ class _Run:
                 clock.saving = not self.plan_only  # the probe's time and choice are the run's
                 clock.save(storage=run_storage(out, url), size_probe=self.probe)
             config = with_size(config, self.probe)
+        config = adopt_rules(config, names, held)  # an older run resumes by its own rules
         written = config  # the study file: what the user set, at the chosen size
         keep = {st for st in names if run.epochs_set(st)}
         config, taken = adopt_epochs(config, names, held, keep)

@@ -210,8 +210,8 @@ def create(
     if name in existing:
         study = optuna.load_study(study_name=name, storage=storage)
         old = study.user_attrs.get(ATTR + "config")
-        if old is not None and _stored(old) != snapshot(config):
-            diff = _diff(_stored(old), snapshot(config))
+        if old is not None and read_now(old) != snapshot(config):
+            diff = _diff(read_now(old), snapshot(config))
             raise StudyError(
                 f"study '{name}' exists with another config ({diff}): pass --name NEW to create "
                 f"a new study, or 'tlopt study delete {name}' first"
@@ -276,6 +276,14 @@ def _stored(raw: dict[str, Any]) -> dict[str, Any]:
     if isinstance(storage, dict) and "url" in storage:
         return {**raw, "storage": {**storage, "url": ""}}
     return raw
+
+
+def read_now(raw: dict[str, Any]) -> dict[str, Any]:
+    """A stored snapshot read by the rules it was written under and written as this version
+    writes them (config.RULES), to compare with a config of now; unreadable now: as it is."""
+    with contextlib.suppress(ConfigError):
+        return snapshot(StudyConfig.from_dict(_stored(raw)))
+    return _stored(raw)
 
 
 def _create_whole(
