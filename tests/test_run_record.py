@@ -255,3 +255,19 @@ def test_a_study_made_by_the_old_rules_is_read_and_resumed_by_them(tmp_path: Pat
     resumed = adopt_rules(current, ["head", "freeze1"], held)
     check_studies(resumed, ["head", "freeze1"], held)
     assert resumed.space_for("freeze1") == config.space_for("freeze1")
+
+
+def test_a_process_opens_the_same_data_once_until_a_file_changes(tmp_path: Path) -> None:
+    """tune's checks, probe, plan and workers share one opened folder (each open hashed every
+    file), and a changed file is seen."""
+    from tlopt.config import DataConfig, StudyConfig
+    from tlopt.tune.context import open_config_source
+
+    data = shapes_folder(tmp_path / "shapes")
+    config = StudyConfig("shapes", data=DataConfig(source="folder", path=str(data)))
+    first = open_config_source(config)
+    assert open_config_source(config) is first
+    changed = data / "disc" / "0.png"
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    again = open_config_source(config)
+    assert again is not first and again.fingerprint == first.fingerprint

@@ -26,6 +26,7 @@ from tlopt.run.finish import candidates, finish
 from tlopt.run.held import Held, adopt_epochs, adopt_rules, check_order, check_studies
 from tlopt.run.options import DEFAULT_STAGES, DEFAULT_TIME, EVERY, build_config, parse_stages
 from tlopt.run.placement import Placement, threads_now
+from tlopt.run.plan import allot_time, export_reserve, measured_plan
 from tlopt.run.record import Clock, RunRecord, check_run_storage, run_storage
 from tlopt.run.size import choose_size, recorded_size, with_size
 from tlopt.run.stage import Box, Say, run_stage
@@ -139,10 +140,15 @@ class _Run:
         config, taken = adopt_epochs(config, names, held, keep)
         check_studies(config, names, held)
         self.place = threads_now(self.place)  # after the checks, so that a refusal is its one line
-        self.config, self.plan = config, self._plan(config, record)
+        self.config = config
+        self.plan, self._measured = measured_plan(config, names, held, self.place, record, say)
         shares: list[Allotment] = []
         if config.time_budget:
-            config, shares = self._allot(config, clock.left(), taken | _every(run.fixed, names))
+            keep = taken | _every(run.fixed, names)
+            reserve = self._export_reserve()
+            config, shares, self.plan = allot_time(
+                config, names, held, self.plan, clock.left(), keep, reserve
+            )
             check_studies(config, names, held)
         self._say_plan(shares)
         if self.plan_only:
@@ -180,82 +186,9 @@ class _Run:
 
     # --- the plan ------------------------------------------------------------------------
 
-    def _plan(self, config: StudyConfig, record: RunRecord) -> Plan:
-        """The measured plan: the record's, when it was measured for this run as it is now
-        (a rerun measures nothing again), else measured here (tlopt.tune.plan)."""
-        from tlopt.tune.plan import make_plan
-
-        assert self.held is not None
-        held, key = self.held, self._plan_key(config)
-        left = {st: held.remaining(config, st) for st in self.names}
-        was = record.get("measured_plan")
-        plan = _plan_from(was, key, config, left) if isinstance(was, dict) else None
-        if plan is None:
-            plan = make_plan(
-                config,
-                self.names,
-                left.__getitem__,
-                self.place.plan_device,
-                self.place.heads_at_once,
-            )
-        else:
-            self.say("plan: as measured by this run before (its costs per epoch and trial)")
-        self._measured = {"key": key, "plan": plan.as_dict()}
-        return plan
-
-    def _plan_key(self, config: StudyConfig) -> dict[str, Any]:
-        p = self.place
-        return {
-            "backbone": config.model.backbone,
-            "weights": config.model.weights,
-            "image_size": config.data.image_size,
-            "data": config.data.path,
-            "device": p.plan_device,
-            "threads": p.threads,
-            "processes": p.processes,
-            "heads_at_once": p.heads_at_once,
-            "batch_sizes": {s: list(config.space_for(s).batch_size) for s in self.names},
-        }
-
-    def _allot(
-        self, config: StudyConfig, seconds: float, keep: set[str]
-    ) -> tuple[StudyConfig, list[Allotment]]:
-        """The time budget's share per stage; the config with the chosen epochs."""
-        from tlopt.tune.timebox import HOLDS, allot
-
-        assert self.held is not None and self.plan is not None
-        plan, held = self.plan, self.held
-        caps = {st: held.remaining(config, st) for st in self.names}
-        shares = allot(plan, seconds, keep, caps, self._export_reserve())
-        stages = {**config.stages}
-        for a in shares:
-            if a.stage not in keep and a.trials:
-                stages[a.stage] = {**stages.get(a.stage, {}), "epochs": a.epochs}
-        self.plan = replace(
-            plan,
-            stages=tuple(
-                replace(s, trials=a.trials, epochs=a.epochs)
-                for s, a in zip(plan.stages, shares, strict=True)
-            ),
-        )
-        head = next((a for a in shares if a.stage == "head"), None)
-        if head is not None and head.trials == 0 and head.why != HOLDS:  # the others need it
-            raise ConfigError(
-                f"--time {format_duration(config.time_budget)} is too short for the head stage "
-                f"({head.why}): give a longer --time"
-            )
-        return replace(config, stages=stages), shares
-
     def _export_reserve(self) -> float:
-        """The export and report's reserve: as this run measured them, else the plan's guess."""
-        from tlopt.tune.timebox import REPORT_S, export_seconds
-
         assert self.clock is not None and self.plan is not None
-        was = self.clock.record.get("export_seconds")
-        if isinstance(was, (int, float)):
-            report = self.clock.record.get("report_seconds")
-            return float(was) + (float(report) if isinstance(report, (int, float)) else REPORT_S)
-        return export_seconds(self.plan)
+        return export_reserve(self.clock.record, self.plan)
 
     def _say_plan(self, shares: list[Allotment]) -> None:
         from tlopt.tune.plan import table, warning
@@ -406,40 +339,3 @@ def _masked(url: str) -> str:
     from tlopt.tune.storage import mask_url
 
     return mask_url(url)
-
-
-def _plan_from(
-    was: dict[str, Any], key: dict[str, Any], config: StudyConfig, left: dict[str, int]
-) -> Plan | None:
-    """The recorded measured plan, for the run as it is now (None: measured for another)."""
-    from tlopt.tune.plan import Plan, StagePlan
-
-    if was.get("key") != _jsonable(key):
-        return None
-    try:
-        stages = {s["stage"]: s for s in was["plan"]["stages"]}
-        plans = []
-        for stage, trials in left.items():
-            s = stages[stage]
-            costs = {int(k): float(v) for k, v in s["epoch_seconds"].items()}
-            if trials and not costs:  # not measured then (nothing was left to run)
-                return None
-            plans.append(
-                StagePlan(
-                    stage,
-                    trials,
-                    config.space_for(stage).epochs,
-                    costs,
-                    float(s["setup_seconds"]),
-                    float(s["trial_seconds"]),
-                )
-            )
-        return Plan(tuple(plans), str(was["plan"]["device"]))
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _jsonable(value: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(value))

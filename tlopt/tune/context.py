@@ -42,10 +42,17 @@ def open_config_source(config: StudyConfig, held_out: dict[str, str] | None = No
     """The study's data; ``held_out``: the split a study stored (see ``open_source``).
 
     Each file's bytes are hashed, but only files this machine has not decoded before (its
-    record sits with the decoded images, :func:`cache_dir`) are decoded to check them.
+    record sits with the decoded images, :func:`cache_dir`) are decoded to check them. A
+    process opens the same data once while its files stay as they were (``tlopt tune``'s
+    checks, size probe, plan and each stage's worker share it): their names, sizes and times
+    are the key, a stat per file against a hash of every byte.
     """
     d = config.data
-    return open_source(
+    key = (d.source, d.path, d.val_fraction, d.test_fraction, config.seed, d.max_bad_fraction,
+           tuple(sorted((held_out or {}).items())), _folder_state(d.path))  # fmt: skip
+    if key in _SOURCES:
+        return _SOURCES[key]
+    source = open_source(
         d.source,
         d.path or None,
         val_fraction=d.val_fraction,
@@ -55,6 +62,30 @@ def open_config_source(config: StudyConfig, held_out: dict[str, str] | None = No
         held_out=held_out,
         verified=cache_dir(),
     )
+    while len(_SOURCES) >= SOURCES_KEPT:
+        del _SOURCES[next(iter(_SOURCES))]
+    _SOURCES[key] = source
+    return source
+
+
+SOURCES_KEPT = 4  # the data sets a process keeps open (a tune run uses one)
+_SOURCES: dict[tuple[Any, ...], Source] = {}
+
+
+def _folder_state(path: str) -> tuple[tuple[str, int, int], ...] | None:
+    """Every file under ``path`` with its size and modification time (None: not a folder)."""
+    if not path or not os.path.isdir(path):
+        return None
+    state = []
+    for folder, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(folder, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            state.append((full, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(state))
 
 
 _CACHES: dict[tuple[str, str, int | None], FeatureCache] = {}
