@@ -73,6 +73,25 @@ def test_requeueing_on_sigterm_skips_a_trial_failed_elsewhere(sqlite_storage_url
     assert study.trials[mine.number].user_attrs[ATTR + "error"] == "worker stopped"
 
 
+def test_requeueing_a_retry_that_was_retried_elsewhere_queues_it_once(
+    sqlite_storage_url: str,
+) -> None:
+    """Trial 0 was retried as 1; 1 too was failed and retried (as 2) by a stale check while
+    its worker stopped. Optuna keeps the first number in every retry's ``failed_trial`` (2's
+    is 0), so only the retry history tells that 1 has its retry already."""
+    storage = open_storage(sqlite_storage_url, 1, 4)
+    study = optuna.create_study(study_name="s", storage=storage)
+    first = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    _fail_as_a_stale_check_does(storage, study, first._trial_id)
+    retry = study.ask()  # the WAITING retry of trial 0
+    assert retry.number == 1 and retry.params == first.params
+    _fail_as_a_stale_check_does(storage, study, retry._trial_id)
+    _fail_and_requeue(study, retry, "worker stopped", 3)
+    history = RetryHeartbeatStaleTrialCallback.retry_history
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert [(t.number, history(t)) for t in waiting] == [(2, [0, 1])]  # 1's one retry
+
+
 @pytest.mark.slow
 def test_a_trial_ended_elsewhere_mid_run_costs_the_worker_nothing(
     sqlite_storage_url: str,

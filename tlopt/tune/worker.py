@@ -415,7 +415,10 @@ def _fail_and_requeue(study: optuna.Study, trial: optuna.Trial, why: str, max_re
 
 
 def _has_retry(study: optuna.Study, number: int) -> bool:
-    """Whether a trial queued again from trial ``number`` exists (Optuna's retry callback)."""
-    return any(
-        t.system_attrs.get("failed_trial") == number for t in study.get_trials(deepcopy=False)
-    )
+    """Whether trial ``number`` was queued again already (Optuna's retry callback).
+
+    A retry's history ends with the trial it retries. Not its ``failed_trial``: every retry
+    in a chain holds the first trial's number there (a retry of retry 5 of trial 0 says 0).
+    """
+    history = RetryHeartbeatStaleTrialCallback.retry_history
+    return any(history(t)[-1:] == [number] for t in study.get_trials(deepcopy=False))
