@@ -25,6 +25,7 @@ from tlopt.config import (
     StorageConfig,
     StudyConfig,
 )
+from tlopt.durations import parse_duration
 from tlopt.errors import ConfigError
 from tlopt.names import DATA_SOURCES, OPTIMIZERS, PRUNERS, parse_stage, weights_problem
 from tlopt.schedules import DECAY_TYPES, validate_decay_params
@@ -167,8 +168,6 @@ class Parser:
 
     def budget(self, raw: dict[str, Any]) -> float:
         """``[budget] time = "20m"``: the whole run's wall time for tlopt tune (0: none)."""
-        from tlopt.tune.timebox import parse_duration  # no torch: the parser stays light
-
         self.known(raw, ["time"], "budget.")
         if "time" not in raw:
             return 0.0
