@@ -37,3 +37,9 @@ def test_the_configuration_imports_no_tuning_and_no_torch(module: str) -> None:
     above = [m for m in loaded if m.startswith(("tlopt.tune", "torch", "optuna", "timm"))]
     assert above == [], f"{module} loaded {above}"
 
+
+def test_the_size_probe_imports_no_export() -> None:
+    """The tuning layer takes the probe's features from the training layer, not the export
+    (which imports tuning)."""
+    export = [m for m in _loaded("tlopt.tune.size_probe") if m.startswith("tlopt.export")]
+    assert export == [], f"importing tlopt.tune.size_probe loaded {export}"

@@ -37,7 +37,6 @@ from torch import nn
 
 import tlopt
 from tlopt.errors import TloptError
-from tlopt.export.descriptors import predict
 from tlopt.models.backbones import classifier_name, create_backbone, data_config
 from tlopt.models.cut import CutModel
 from tlopt.models.stages import set_train_mode
@@ -45,6 +44,7 @@ from tlopt.names import ATTR, FIRST_HEAD, HEAD
 from tlopt.plots import confusion_plot, history_plots
 from tlopt.progress import bar
 from tlopt.train.data import ImageSet
+from tlopt.train.descriptors import predict
 from tlopt.train.ledger import EpochRecord, FitResult
 from tlopt.train.metrics import classification_metrics
 from tlopt.tune.context import StudyContext
