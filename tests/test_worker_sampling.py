@@ -139,6 +139,25 @@ def test_a_used_up_space_stops_the_study_and_says_so(
     )
 
 
+def test_a_used_up_space_is_said_once_a_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plan, the allotment, the checks and the worker each ask a stage's budget: the line
+    is said the first time only, and a different answer is said again."""
+    space = load_config(_config(tmp_path, 20)).space_for("head")  # 8 points
+    with caplog.at_level("INFO", logger="tlopt.worker"):
+        budgets = [sampling.stage_budget(20, space) for _ in range(5)]
+        sampling.stage_budget(10, space)
+    said = [r.getMessage() for r in caplog.records if "the search space holds" in r.getMessage()]
+    assert budgets == [8] * 5
+    assert said == [
+        "the search space holds 8 points: the study stops after 8 finished trials, not 20 "
+        "(no point runs twice)",
+        "the search space holds 8 points: the study stops after 8 finished trials, not 10 "
+        "(no point runs twice)",
+    ], said
+
+
 @pytest.mark.parametrize(
     ("search", "size"),
     [
