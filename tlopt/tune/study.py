@@ -18,10 +18,9 @@ import tlopt
 from tlopt.config import AUTO_SIZE, ModelConfig, PrunerConfig, StudyConfig
 from tlopt.errors import ConfigError, StorageError, StudyError, TloptError
 from tlopt.names import ATTR, Stage, parse_stage
+from tlopt.tune.artifacts import check_artifact_dir, default_artifact_dir
 from tlopt.tune.pruners import make_pruner
 from tlopt.tune.storage import (
-    check_artifact_dir,
-    default_artifact_dir,
     mask_url,
     open_storage,
     resolve_url,
