@@ -18,6 +18,7 @@ import sqlalchemy
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
+from tlopt.tune.outcomes import fail_and_requeue
 
 from tests.conftest import PgServer, cli
 from tests.test_service import (  # noqa: F401 (_kill_leftover_workers: an autouse fixture)
@@ -34,7 +35,7 @@ from tlopt.tune import study as studies
 from tlopt.tune.budget import tell_trial
 from tlopt.tune.resilience import fail_stale_trials, retrying
 from tlopt.tune.storage import budget_lock, open_storage
-from tlopt.tune.worker import _fail_and_requeue, work
+from tlopt.tune.worker import work
 
 
 def _fail_as_a_stale_check_does(storage: Any, study: optuna.Study, trial_id: int) -> None:
@@ -67,7 +68,7 @@ def test_requeueing_on_sigterm_skips_a_trial_failed_elsewhere(sqlite_storage_url
     taken, mine = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), study.ask()
     _fail_as_a_stale_check_does(storage, study, taken._trial_id)
     for trial in (taken, mine):
-        _fail_and_requeue(study, trial, "worker stopped", 3)
+        fail_and_requeue(study, trial, "worker stopped", 3)
     retries = [t.system_attrs.get("failed_trial") for t in study.trials[2:]]
     assert sorted(retries) == [taken.number, mine.number]  # one retry each, none twice
     assert study.trials[mine.number].user_attrs[ATTR + "error"] == "worker stopped"
@@ -86,7 +87,7 @@ def test_requeueing_a_retry_that_was_retried_elsewhere_queues_it_once(
     retry = study.ask()  # the WAITING retry of trial 0
     assert retry.number == 1 and retry.params == first.params
     _fail_as_a_stale_check_does(storage, study, retry._trial_id)
-    _fail_and_requeue(study, retry, "worker stopped", 3)
+    fail_and_requeue(study, retry, "worker stopped", 3)
     history = RetryHeartbeatStaleTrialCallback.retry_history
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     assert [(t.number, history(t)) for t in waiting] == [(2, [0, 1])]  # 1's one retry
