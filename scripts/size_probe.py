@@ -24,9 +24,9 @@ import torch
 from tlopt.config import load_config
 from tlopt.data.cache import decode_source, labels, split_indices
 from tlopt.errors import TloptError
-from tlopt.export.descriptors import predict
 from tlopt.models.backbones import create_backbone, normalization
 from tlopt.train.data import ImageSet
+from tlopt.train.descriptors import predict
 from tlopt.tune.context import cache_dir, open_config_source
 from tlopt.tune.size_probe import C_VALUES, probe_fit
 

@@ -30,6 +30,8 @@ import psycopg
 import pytest
 from sqlalchemy.engine import URL, make_url
 
+from tlopt import once
+
 PgAdmin = Callable[..., list[tuple[Any, ...]]]
 
 # The data and model of the tiny studies the tests run: scikit-learn's real digits at 16 px
@@ -41,6 +43,12 @@ image_size = 16
 backbone = "test_efficientnet"
 weights = "none"
 """
+
+
+@pytest.fixture(autouse=True)
+def _lines_said_anew() -> None:
+    """Lines said once a process (``tlopt.once``) are said again in each test."""
+    once.forget()
 
 
 @pytest.fixture(autouse=True)

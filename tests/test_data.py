@@ -346,8 +346,12 @@ def test_byte_identical_files_stay_in_one_split_and_are_counted(tmp_path, caplog
     said = [r.getMessage() for r in caplog.records if "byte-identical" in r.getMessage()]
     assert len(said) == 1 and "18 files in" in said[0] and "copies of 6 pictures" in said[0]
     assert "6 kept in one split (" in said[0], said
-    again = open_source("folder", tmp_path, val_fraction=0.2, test_fraction=0.2, seed=1)
+    with caplog.at_level("INFO", logger="tlopt.data"):  # a run opens it again: not said again
+        again = open_source("folder", tmp_path, val_fraction=0.2, test_fraction=0.2, seed=1)
+        open_source("folder", tmp_path, val_fraction=0.2, test_fraction=0.2, seed=1)
     assert again.fingerprint == source.fingerprint
+    said = [r.getMessage() for r in caplog.records if "byte-identical" in r.getMessage()]
+    assert len(said) == 1, said
 
 
 @pytest.mark.parametrize(

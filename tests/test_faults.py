@@ -32,9 +32,10 @@ from tlopt.names import ATTR
 from tlopt.tune import storage as storages
 from tlopt.tune import study as studies
 from tlopt.tune.budget import tell_trial
+from tlopt.tune.outcomes import fail_and_requeue
 from tlopt.tune.resilience import fail_stale_trials, retrying
 from tlopt.tune.storage import budget_lock, open_storage
-from tlopt.tune.worker import _fail_and_requeue, work
+from tlopt.tune.worker import work
 
 
 def _fail_as_a_stale_check_does(storage: Any, study: optuna.Study, trial_id: int) -> None:
@@ -67,10 +68,29 @@ def test_requeueing_on_sigterm_skips_a_trial_failed_elsewhere(sqlite_storage_url
     taken, mine = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), study.ask()
     _fail_as_a_stale_check_does(storage, study, taken._trial_id)
     for trial in (taken, mine):
-        _fail_and_requeue(study, trial, "worker stopped", 3)
+        fail_and_requeue(study, trial, "worker stopped", 3)
     retries = [t.system_attrs.get("failed_trial") for t in study.trials[2:]]
     assert sorted(retries) == [taken.number, mine.number]  # one retry each, none twice
     assert study.trials[mine.number].user_attrs[ATTR + "error"] == "worker stopped"
+
+
+def test_requeueing_a_retry_that_was_retried_elsewhere_queues_it_once(
+    sqlite_storage_url: str,
+) -> None:
+    """Trial 0 was retried as 1; 1 too was failed and retried (as 2) by a stale check while
+    its worker stopped. Optuna keeps the first number in every retry's ``failed_trial`` (2's
+    is 0), so only the retry history tells that 1 has its retry already."""
+    storage = open_storage(sqlite_storage_url, 1, 4)
+    study = optuna.create_study(study_name="s", storage=storage)
+    first = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    _fail_as_a_stale_check_does(storage, study, first._trial_id)
+    retry = study.ask()  # the WAITING retry of trial 0
+    assert retry.number == 1 and retry.params == first.params
+    _fail_as_a_stale_check_does(storage, study, retry._trial_id)
+    fail_and_requeue(study, retry, "worker stopped", 3)
+    history = RetryHeartbeatStaleTrialCallback.retry_history
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert [(t.number, history(t)) for t in waiting] == [(2, [0, 1])]  # 1's one retry
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from tlopt.report.build import _caveats
 from tlopt.report.trial_artifacts import write_trial_artifacts
 from tlopt.train.ledger import EpochRecord, TrainParams
 from tlopt.tune import study as studies
-from tlopt.tune.storage import artifact_store
+from tlopt.tune.artifacts import artifact_store
 from tlopt.tune.worker import work
 
 STAGES = (

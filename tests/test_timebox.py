@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from tests.conftest import run_in_group
 from tests.test_tune_command import shapes_folder, tune_in_process, tune_subprocess
 from tlopt.config import StudyConfig, load_config
+from tlopt.durations import format_duration, parse_duration
 from tlopt.errors import ConfigError
 from tlopt.tune.plan import Plan, StagePlan
 from tlopt.tune.size_probe import ProbeRow, candidate_sizes, choose
-from tlopt.tune.timebox import allot, export_seconds, format_duration, parse_duration
+from tlopt.tune.timebox import allot, export_seconds
 
 TINY = ["--backbone", "test_efficientnet", "--weights", "none"]
 

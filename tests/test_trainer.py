@@ -75,7 +75,7 @@ def test_no_tensor_is_made_on_the_host_per_step(
     """Normalisation constants are made once per data set, not per batch: on a GPU each
     ``torch.tensor`` in a step is a blocking host-to-device copy. So the count of
     ``torch.tensor`` calls in a fit and a predict does not grow with the number of steps."""
-    from tlopt.export.descriptors import predict
+    from tlopt.train.descriptors import predict
 
     made = 0
     real = torch.tensor

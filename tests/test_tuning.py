@@ -22,8 +22,8 @@ from tests.conftest import TINY_DATA_MODEL, cli
 from tlopt.config import load_config
 from tlopt.errors import StudyError
 from tlopt.export.bundle import FILES, export_best
-from tlopt.export.descriptors import predict
 from tlopt.train.data import ImageSet
+from tlopt.train.descriptors import predict
 from tlopt.tune import study as studies
 from tlopt.tune.worker import work
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -137,6 +138,25 @@ def test_a_used_up_space_stops_the_study_and_says_so(
     assert "the search space holds 4 points: the study stops after 4 finished trials, not 6" in (
         caplog.text
     )
+
+
+def test_a_used_up_space_is_said_once_a_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plan, the allotment, the checks and the worker each ask a stage's budget: the line
+    is said the first time only, and a different answer is said again."""
+    space = load_config(_config(tmp_path, 20)).space_for("head")  # 8 points
+    with caplog.at_level("INFO", logger="tlopt.worker"):
+        budgets = [sampling.stage_budget(20, space) for _ in range(5)]
+        sampling.stage_budget(10, space)
+    said = [r.getMessage() for r in caplog.records if "the search space holds" in r.getMessage()]
+    assert budgets == [8] * 5
+    assert said == [
+        "the search space holds 8 points: the study stops after 8 finished trials, not 20 "
+        "(no point runs twice)",
+        "the search space holds 8 points: the study stops after 8 finished trials, not 10 "
+        "(no point runs twice)",
+    ], said
 
 
 @pytest.mark.parametrize(
@@ -263,8 +283,6 @@ def test_a_worker_on_the_cpu_runs_a_thread_per_idle_core_unless_told() -> None:
 def test_busy_cores_counts_work_now_not_the_minute_before() -> None:
     """A core spinning for the last second is busy; the 1-minute load average has barely
     moved by then (it lags by minutes: a run started right after another got one thread)."""
-    if not Path("/proc/stat").is_file():
-        pytest.skip("busy_cores reads /proc/stat (Linux)")
     quiet = supervisor.busy_cores(0.5)
     assert quiet is not None and 0.0 <= quiet <= (os.cpu_count() or 1) + 0.01
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
@@ -275,6 +293,53 @@ def test_busy_cores_counts_work_now_not_the_minute_before() -> None:
         os.killpg(spin.pid, signal.SIGKILL)
         spin.wait()
     assert busy is not None and busy >= 0.7  # the spinner's core, at least
+
+
+def _spinner(cpu: int) -> subprocess.Popen[bytes]:
+    """A process that keeps CPU ``cpu`` busy until it is killed."""
+    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+
+
+def _busy_share(before: Any, after: Any, cpu: int) -> float:
+    """How busy CPU ``cpu`` was between two ``psutil.cpu_times(percpu=True)``, 0..1."""
+    fields = ("user", "nice", "system", "irq", "softirq")
+    busy = sum(getattr(after[cpu], f) - getattr(before[cpu], f) for f in fields)
+    total = sum(after[cpu]) - sum(before[cpu])
+    return busy / total if total > 0 else 0.0
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="pins processes to two CPUs (Linux, two cores or more)",
+)
+@pytest.mark.parametrize("spin_on", ["the other cpu", "this cpu"])
+def test_busy_cores_judges_only_the_cpus_this_process_may_use(spin_on: str) -> None:
+    """Pinned to one CPU (as a container's cpuset pins it), busy-ness is that CPU's.
+
+    A spinner on the other CPU is not counted (the machine-wide count called one core of
+    this process's one busy); a spinner on this CPU is. The machine is shared, so the CPU
+    may be busy with others' work: the count is checked against that CPU's own times.
+    """
+    allowed = os.sched_getaffinity(0)
+    mine, other = sorted(allowed)[:2]
+    spin = _spinner(other if spin_on == "the other cpu" else mine)
+    try:
+        os.sched_setaffinity(0, {mine})
+        time.sleep(0.5)  # the spinner is up
+        before = psutil.cpu_times(percpu=True)
+        busy = supervisor.busy_cores(1.0)
+        after = psutil.cpu_times(percpu=True)
+    finally:
+        os.sched_setaffinity(0, allowed)
+        os.killpg(spin.pid, signal.SIGKILL)
+        spin.wait()
+    assert busy is not None and 0.0 <= busy <= 1.0 + 0.01, busy
+    if spin_on == "this cpu":
+        assert busy >= 0.7, busy
+    else:
+        assert _busy_share(before, after, other) >= 0.7  # the spinner ran
+        assert busy <= _busy_share(before, after, mine) + 0.3, busy
 
 
 @pytest.mark.slow  # trains a head

@@ -18,6 +18,7 @@ from typing import Any
 
 import tomllib
 
+from tlopt.durations import format_duration
 from tlopt.errors import ConfigError
 
 # Batch sizes are powers of two: each one is a separate compiled/captured shape on a GPU, and
@@ -217,8 +218,6 @@ class StudyConfig:
             if name not in written and not held:
                 del raw["search"][name]
         if seconds := raw.pop("time_budget"):
-            from tlopt.tune.timebox import format_duration
-
             raw["budget"] = {"time": format_duration(seconds)}
         if raw["data"]["image_size"] == AUTO_SIZE:
             raw["data"]["image_size"] = "auto"

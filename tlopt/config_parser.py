@@ -7,111 +7,30 @@ Every problem is one line, ``FILE: KEY: what is wrong``, and all of them are rep
 from __future__ import annotations
 
 import difflib
-import math
 from pathlib import Path
 from typing import Any
 
 from tlopt.config import (
     AUTO_SIZE,
-    BATCH_SIZES,
     FINE_TUNE_DEFAULTS,
     RULES,
-    Check,
     Choice,
     DataConfig,
-    FloatRange,
     ModelConfig,
     PrunerConfig,
     SearchSpace,
     StorageConfig,
     StudyConfig,
 )
+from tlopt.config_checks import Checks, among, batch, boolean, positive_int, real
+from tlopt.durations import parse_duration
 from tlopt.errors import ConfigError
 from tlopt.names import DATA_SOURCES, OPTIMIZERS, PRUNERS, parse_stage, weights_problem
 from tlopt.schedules import DECAY_TYPES, validate_decay_params
 
 
-def _one_line(text: str) -> str:
-    """``text`` with the characters that would break or hide a line escaped (one problem, one line).
-
-    Keys and values come from the user's file: a key may hold a newline, a record separator
-    (which ``str.splitlines`` also splits at) or a terminal escape.
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-class Parser:
-    """Walks the raw TOML dict, collecting every problem before raising."""
-
-    def __init__(self, source: str, check: Check | None = None) -> None:
-        self.source = source
-        self.check = check
-        self.problems: list[str] = []
-
-    def fail(self, key: str, message: str) -> None:
-        self.problems.append(_one_line(f"{self.source}: {key}: {message}"))
-
-    def known(self, table: dict[str, Any], allowed: list[str], where: str) -> None:
-        for key in table:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = (
-                    f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(allowed)}"
-                )
-                self.fail(f"{where}{key}", f"unknown key: {hint}")
-
-    def table(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
-        value = raw.get(key, {})
-        if not isinstance(value, dict):
-            self.fail(key, f"must be a table ([{key}]), got {value!r}")
-            return {}
-        return value
-
-    def number(
-        self,
-        raw: dict[str, Any],
-        key: str,
-        default: Any,
-        kind: type,
-        low: float,
-        high: float,
-        where: str,
-    ) -> Any:
-        value = raw.get(key, default)
-        if value is None:
-            return None
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if kind is int:
-            ok = ok and float(value).is_integer()
-        if not ok or not (low <= value <= high) or (isinstance(value, float) and math.isnan(value)):
-            what = "an integer" if kind is int else "a number"
-            self.fail(f"{where}{key}", f"{value!r} is not {what} in [{low:g}, {high:g}]")
-            return default
-        return kind(value)
-
-    def text(
-        self,
-        raw: dict[str, Any],
-        key: str,
-        default: str,
-        where: str,
-        choices: tuple[str, ...] | None = None,
-    ) -> str:
-        value = raw.get(key, default)
-        if not isinstance(value, str):
-            self.fail(f"{where}{key}", f"{value!r} must be a string")
-            return default
-        if "\x00" in value:  # no path, URL or database text field may hold one
-            self.fail(f"{where}{key}", f"{value!r} contains a NUL character (\\u0000)")
-            return default
-        if choices is not None and value not in choices:
-            close = difflib.get_close_matches(value, choices, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            self.fail(f"{where}{key}", f"'{value}' is not one of {', '.join(choices)}{hint}")
-            return default
-        return value
+class Parser(Checks):
+    """Walks the raw TOML dict section by section, collecting every problem before raising."""
 
     def study(self, raw: dict[str, Any], base_dir: Path | None) -> StudyConfig:
         top = [
@@ -170,8 +89,6 @@ class Parser:
 
     def budget(self, raw: dict[str, Any]) -> float:
         """``[budget] time = "20m"``: the whole run's wall time for tlopt tune (0: none)."""
-        from tlopt.tune.timebox import parse_duration  # no torch: the parser stays light
-
         self.known(raw, ["time"], "budget.")
         if "time" not in raw:
             return 0.0
@@ -228,85 +145,8 @@ class Parser:
         freeze = self.number(raw, "freeze_modules", d.freeze_modules, int, 0, 100_000, w)
         return ModelConfig(backbone, weights, freeze)
 
-    def choices(
-        self,
-        raw: dict[str, Any],
-        key: str,
-        default: Any,
-        where: str,
-        check: Any,
-        allow_range: bool = False,
-    ) -> Any:
-        if key not in raw:
-            return default
-        value = raw[key]
-        if allow_range and isinstance(value, dict):
-            self.known(value, ["low", "high", "log"], f"{where}{key}.")
-            low, high, log = value.get("low"), value.get("high"), value.get("log", False)
-            if not isinstance(log, bool):
-                self.fail(f"{where}{key}.log", f"{log!r} must be true or false")
-                return default
-            for bound in (low, high):
-                problem = check(bound)
-                if problem:
-                    self.fail(f"{where}{key}", problem)
-                    return default
-            if low is None or high is None or not low < high:
-                self.fail(f"{where}{key}", f"low ({low}) must be below high ({high})")
-                return default
-            return FloatRange(float(low), float(high), log)
-        values = value if isinstance(value, list) else [value]
-        if not values:
-            self.fail(f"{where}{key}", "is empty: give at least one value")
-            return default
-        ok = True
-        for v in values:
-            problem = check(v)
-            if problem:
-                self.fail(f"{where}{key}", problem)
-                ok = False
-        return tuple(values) if ok else default
-
     def search(self, raw: dict[str, Any], w: str, base: SearchSpace) -> SearchSpace:
         self.known(raw, [f for f in SearchSpace.__dataclass_fields__], w)
-
-        def positive_int(high: int, low: int = 1) -> Any:
-            def check(v: Any) -> str | None:
-                if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-                    return f"{v!r} is not a whole number between {low} and {high}"
-                return None
-
-            return check
-
-        def batch(v: Any) -> str | None:
-            if v not in BATCH_SIZES or isinstance(v, bool):
-                return f"{v!r} is not one of {', '.join(map(str, BATCH_SIZES))}"
-            return None
-
-        def among(options: tuple[str, ...]) -> Any:
-            def check(v: Any) -> str | None:
-                if v not in options:
-                    close = difflib.get_close_matches(str(v), options, n=1)
-                    hint = f" (did you mean '{close[0]}'?)" if close else ""
-                    return f"{v!r} is not one of {', '.join(options)}{hint}"
-                return None
-
-            return check
-
-        def real(low: float, high: float, low_open: bool = False) -> Any:
-            def check(v: Any) -> str | None:
-                if (
-                    isinstance(v, bool)
-                    or not isinstance(v, (int, float))
-                    or math.isnan(v)
-                    or not (low < v if low_open else low <= v)
-                    or not v <= high
-                ):
-                    side = "(" if low_open else "["
-                    return f"{v!r} is not a number in {side}{low:g}, {high:g}]"
-                return None
-
-            return check
 
         decay = self.choices(raw, "decay", base.decay, w, among(DECAY_TYPES))
         decay_params = dict(base.decay_params)
@@ -346,9 +186,6 @@ class Parser:
                 f"{lr_batch_size!r} is not a whole number in [0, 65536] (0: lr as written)",
             )
             lr_batch_size = base.lr_batch_size
-
-        def boolean(v: Any) -> str | None:
-            return None if isinstance(v, bool) else f"{v!r} must be true or false"
 
         flip = self.choices(raw, "flip", base.flip, w, boolean)
         bn_train = raw.get("bn_train", base.bn_train)

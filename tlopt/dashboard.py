@@ -21,10 +21,8 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 
 from tlopt.errors import TloptError
 from tlopt.names import ATTR
+from tlopt.tune.artifacts import artifact_store, default_artifact_dir, is_s3
 from tlopt.tune.storage import (
-    artifact_store,
-    default_artifact_dir,
-    is_s3,
     mask_url,
     open_storage,
     resolve_url,

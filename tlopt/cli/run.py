@@ -11,6 +11,7 @@ import typer
 
 from tlopt.cli.apps import app
 from tlopt.cli.common import JsonOpt, StorageOpt, print_json
+from tlopt.durations import parse_duration
 from tlopt.errors import TloptError
 
 
@@ -85,8 +86,6 @@ def tune(
             raise TloptError(f"--image-size {image_size}: give pixels (8..2048) or 'auto'")
         size = int(image_size)
     if time is not None:
-        from tlopt.tune.timebox import parse_duration
-
         parse_duration(time)  # its one-line error before anything is read
     place = placement(gpus, per_gpu, processes, heads_at_once, device)
     with stdout_to_stderr() if as_json else contextlib.nullcontext():

@@ -18,6 +18,7 @@ from tlopt.data.images import bomb_guard, decode_rgb, is_image_file, read_bytes
 from tlopt.data.records import Contents, Record
 from tlopt.data.split import assign_splits
 from tlopt.errors import BadImage, DataError
+from tlopt.once import log_once
 
 _VAL_DIR_NAMES = ("val", "valid", "validation")
 log = logging.getLogger("tlopt.data")
@@ -347,7 +348,9 @@ def _say_twins(root: Path, records: Sequence[Record]) -> None:
     kept = Counter(splits[0] for splits in twins.values() if len(set(splits)) == 1)
     across = len(twins) - sum(kept.values())
     where = ", ".join(f"{split} {kept[split]}" for split in ("train", "val", "test") if kept[split])
-    log.info(
+    log_once(  # the run opens the folder several times (plan, checks, workers)
+        log,
+        logging.INFO,
         "%d files in '%s' are byte-identical copies of %d pictures: %d kept in one split (%s)%s",
         sum(len(s) for s in twins.values()),
         root,

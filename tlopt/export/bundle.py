@@ -37,7 +37,6 @@ from torch import nn
 
 import tlopt
 from tlopt.errors import TloptError
-from tlopt.export.descriptors import predict
 from tlopt.models.backbones import classifier_name, create_backbone, data_config
 from tlopt.models.cut import CutModel
 from tlopt.models.stages import set_train_mode
@@ -45,13 +44,14 @@ from tlopt.names import ATTR, FIRST_HEAD, HEAD
 from tlopt.plots import confusion_plot, history_plots
 from tlopt.progress import bar
 from tlopt.train.data import ImageSet
+from tlopt.train.descriptors import predict
 from tlopt.train.ledger import EpochRecord, FitResult
 from tlopt.train.metrics import classification_metrics
 from tlopt.tune.context import StudyContext
 from tlopt.tune.objective import WEIGHTS
 from tlopt.tune.runner import TrialRun, log_epoch, train_setup
 from tlopt.tune.space import TrialSetup, suggest
-from tlopt.tune.study import best_trial, load, trial_identity
+from tlopt.tune.study import best_trial, load
 
 log = logging.getLogger("tlopt.export")
 
@@ -182,6 +182,17 @@ def export_best(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return manifest
+
+
+def trial_identity(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """What names this trial and no other, also after its study is deleted and made again
+    (trial numbers restart; SQLite may hand out a deleted row's id again; an artifact id is a
+    uuid): an export records it, and is current while the storage holds the same."""
+    weights = trial.user_attrs.get(WEIGHTS) or trial.user_attrs.get(ATTR + "head_artifact")
+    # FrozenTrial has no public id: ``_trial_id`` is the storage's key of the trial, the one
+    # handle that survives renumbering (Optuna's own storages and callbacks use it).
+    return {"trial_id": trial._trial_id, "weights": weights,
+            "completed": str(trial.datetime_complete)}  # fmt: skip
 
 
 def _swap(new: Path, out: Path) -> None:

@@ -24,9 +24,9 @@ from tlopt.data.images import bomb_guard, decode_rgb, is_image_file, read_bytes,
 from tlopt.data.source import DataWarning
 from tlopt.devices import pick_device
 from tlopt.errors import BadImage, DataError, TloptError
-from tlopt.export.descriptors import predict
 from tlopt.models.backbones import TLOPT_CROP_MODE, TLOPT_CROP_PCT, TLOPT_INTERPOLATION
 from tlopt.train.data import ImageSet
+from tlopt.train.descriptors import predict
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ class Candidate:
         """What names this trial and no other, also after its study is deleted and made again
         (trial numbers restart; SQLite may hand out a deleted row's id again; an artifact id
         is a uuid)."""
-        from tlopt.tune.study import trial_identity
+        from tlopt.export.bundle import trial_identity
 
         return trial_identity(self.trial)
 
@@ -77,8 +77,7 @@ def candidates(held: Held, stages: list[str]) -> list[Candidate]:
 def current_export(folder: Path, held: Held) -> dict[str, Any] | None:
     """The export's manifest when the export is whole and its trial is still the one the
     run's studies hold under that id (None: no export, or one of a trial no longer there)."""
-    from tlopt.export.bundle import FILES, recover
-    from tlopt.tune.study import trial_identity
+    from tlopt.export.bundle import FILES, recover, trial_identity
 
     recover(folder)
     try:

@@ -8,8 +8,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tlopt.config import StudyConfig
+from tlopt.durations import format_duration
 from tlopt.errors import ConfigError
-from tlopt.tune.timebox import Allotment, format_duration
+from tlopt.tune.timebox import Allotment
 
 if TYPE_CHECKING:
     from tlopt.run.held import Held

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tlopt.durations import format_duration
 from tlopt.errors import ConfigError
-from tlopt.tune.timebox import format_duration
 
 RECORD = "run.json"
 VERSION = 2  # 1: before the record kept the plan, the stages and the time after each trial

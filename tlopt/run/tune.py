@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlopt.config import AUTO_SIZE, StudyConfig
+from tlopt.durations import format_duration
 from tlopt.errors import ConfigError, Stopped, TloptError
 from tlopt.run.finish import candidates, finish
 from tlopt.run.held import Held, adopt_epochs, adopt_rules, check_order, check_studies
@@ -31,7 +32,7 @@ from tlopt.run.record import Clock, RunRecord, check_run_storage, run_storage
 from tlopt.run.size import choose_size, recorded_size, with_size
 from tlopt.run.stage import Box, Say, run_stage
 from tlopt.run.study_file import write_study_file
-from tlopt.tune.timebox import Allotment, format_duration
+from tlopt.tune.timebox import Allotment
 
 if TYPE_CHECKING:
     from tlopt.tune.plan import Plan

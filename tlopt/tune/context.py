@@ -30,7 +30,7 @@ from tlopt.names import ATTR, HEAD
 from tlopt.train.data import ImageSet
 from tlopt.train.feature_cache import FeatureCache
 from tlopt.train.ledger import EpochRecord, TrainParams
-from tlopt.tune.storage import artifact_store
+from tlopt.tune.artifacts import artifact_store
 
 
 def cache_dir() -> Path:
@@ -125,7 +125,7 @@ class StudyContext:
     space: SearchSpace
     classes: list[str]
     device: torch.device
-    artifacts: Any  # an Optuna artifact store (tlopt.tune.storage.artifact_store)
+    artifacts: Any  # an Optuna artifact store (tlopt.tune.artifacts.artifact_store)
     source: Source
     images: np.ndarray  # decoded, [N, H, W, 3] uint8 (memory-mapped from the cache)
     labels: np.ndarray

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from tlopt.config import SearchSpace
 from tlopt.errors import TloptError
+from tlopt.once import log_once
 from tlopt.tune.space import space_size, suggest
 
 log = logging.getLogger("tlopt.worker")
@@ -94,14 +95,16 @@ def point(params: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def stage_budget(n_trials: int, space: SearchSpace) -> int:
-    """The trials a study runs: ``n_trials``, or the size of a smaller space (said once).
+    """The trials a study runs: ``n_trials``, or the size of a smaller space (said once a process).
 
     No point runs twice, so a space of 12 points is used up after 12 finished trials.
     """
     size = space_size(space)
     if size is None or size >= n_trials:
         return n_trials
-    log.info(
+    log_once(  # the plan, the time allotment, the checks and the worker each ask
+        log,
+        logging.INFO,
         "the search space holds %d points: the study stops after %d finished trials, not %d "
         "(no point runs twice)",
         size,

@@ -28,9 +28,9 @@ from tlopt.config import StudyConfig
 from tlopt.data.cache import decode_source, labels, split_indices
 from tlopt.data.source import Source
 from tlopt.errors import DataError
-from tlopt.export.descriptors import predict
 from tlopt.models.backbones import create_backbone, normalization
 from tlopt.train.data import ImageSet
+from tlopt.train.descriptors import predict
 
 C_VALUES = (0.1, 1.0)
 BETTER_BY = 0.02  # a larger size must lower the probe's loss by 2% to be chosen

@@ -18,10 +18,9 @@ import tlopt
 from tlopt.config import AUTO_SIZE, ModelConfig, PrunerConfig, StudyConfig
 from tlopt.errors import ConfigError, StorageError, StudyError, TloptError
 from tlopt.names import ATTR, Stage, parse_stage
+from tlopt.tune.artifacts import check_artifact_dir, default_artifact_dir
 from tlopt.tune.pruners import make_pruner
 from tlopt.tune.storage import (
-    check_artifact_dir,
-    default_artifact_dir,
     mask_url,
     open_storage,
     resolve_url,
@@ -63,19 +62,6 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
             f"'tlopt worker --study {study.study_name}' first"
         )
     return min(done, key=lambda t: t.value if t.value is not None else float("inf"))
-
-
-def trial_identity(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    """What names this trial and no other, also after its study is deleted and made again
-    (trial numbers restart; SQLite may hand out a deleted row's id again; an artifact id is a
-    uuid): an export records it, and is current while the storage holds the same."""
-    from tlopt.tune.objective import WEIGHTS
-
-    weights = trial.user_attrs.get(WEIGHTS) or trial.user_attrs.get(ATTR + "head_artifact")
-    # FrozenTrial has no public id: ``_trial_id`` is the storage's key of the trial, the one
-    # handle that survives renumbering (Optuna's own storages and callbacks use it).
-    return {"trial_id": trial._trial_id, "weights": weights,
-            "completed": str(trial.datetime_complete)}  # fmt: skip
 
 
 def best_head(head_study: optuna.Study) -> dict[str, Any]:

@@ -16,6 +16,8 @@ import time
 from collections.abc import Mapping
 from types import FrameType
 
+import psutil
+
 from tlopt.errors import TloptError
 from tlopt.tune.sampling import RESTARTS_ENV, SLOT_ENV, worker_slot
 from tlopt.tune.storage import resolve_url
@@ -35,17 +37,35 @@ def omp_threads(env: Mapping[str, str]) -> int | None:
 # with other jobs (README, CPU threads), 1 thread against torch's default of 2 ran the head
 # trials' epochs, a freeze1 epoch and the frozen-feature pass 2-4x faster (medians): OpenMP's
 # threads wait for each other at every operation, and on cores other processes use, each wait
-# can cost a time slice. A core is counted busy by what the machine ran over the last fraction
-# of a second (busy_cores), so a busy machine gets one thread and an idle one keeps torch's
-# pool of every core. On a GPU the host threads barely matter and torch's default stays.
+# can cost a time slice. A core is counted busy by what ran on it over the last fraction of a
+# second (busy_cores; only the cores this process may use), so a busy machine gets one thread
+# and an idle one keeps torch's pool of every core. On a GPU the host threads barely matter
+# and torch's default stays.
 BUSY_SAMPLE_S = 0.6
+
+# The fields of psutil's CPU times that count as busy (user, nice, system, interrupts), and
+# all of them (with idle, I/O wait and steal); those a platform lacks count as 0.
+_BUSY = ("user", "nice", "system", "irq", "softirq")
+_ALL = (*_BUSY, "idle", "iowait", "steal")
+
+
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on: its affinity (as a container's cpuset or ``taskset``
+    sets it) where the system tells it (psutil: Linux, Windows, FreeBSD), else every CPU."""
+    try:
+        cpus = sorted(psutil.Process().cpu_affinity() or [])
+    except (AttributeError, psutil.Error, OSError):  # macOS has no affinity
+        cpus = []
+    return cpus or list(range(psutil.cpu_count() or 1))
 
 
 def busy_cores(seconds: float = BUSY_SAMPLE_S, slices: int = 3) -> float | None:
-    """The cores other processes keep busy now: the machine's CPU time (``/proc/stat``) less
-    this process's own, in the least busy of ``slices`` parts of ``seconds``; None where there
-    is no ``/proc/stat``.
+    """The cores other processes keep busy now, of those this process may use
+    (:func:`allowed_cpus`): their CPU time less this process's own, in the least busy of
+    ``slices`` parts of ``seconds``; None where the CPU times cannot be read.
 
+    Only the allowed CPUs count: in a container pinned to 2 cores of a busy 64-core host, the
+    host's other cores say nothing about the 2 this worker's threads run on.
     Not the 1-minute load average: it lags by minutes, so right after another run ends it
     still counts that run's cores as busy (a run started then got one thread of two). The
     least busy slice, not the mean: the kernel's work right after a large process exits
@@ -53,23 +73,27 @@ def busy_cores(seconds: float = BUSY_SAMPLE_S, slices: int = 3) -> float | None:
     Time a hypervisor gives other machines (steal) is not counted: it slows every thread.
     """
 
-    def times() -> tuple[float, float, float, float]:  # busy, all jiffies; own CPU s, wall s
-        with open("/proc/stat") as f:
-            ticks = [float(x) for x in f.readline().split()[1:9]]  # user .. steal
-        busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]  # user nice system irqs
-        return busy, sum(ticks), time.process_time(), time.monotonic()
+    def times() -> tuple[float, float, float, float]:  # busy, all CPU s; own CPU s, wall s
+        mine = [t for i, t in enumerate(psutil.cpu_times(percpu=True)) if i in cpus]
+        busy = sum(sum(getattr(t, f, 0.0) for f in _BUSY) for t in mine)
+        ticks = sum(sum(getattr(t, f, 0.0) for f in _ALL) for t in mine)
+        return busy, ticks, time.process_time(), time.monotonic()
 
-    cpus, readings = os.cpu_count() or 1, []
+    readings = []
     try:
+        cpus = set(allowed_cpus())
+        if max(cpus) >= len(psutil.cpu_times(percpu=True)):
+            # psutil lists the online CPUs in order: with some offline, ids and places differ.
+            cpus = set(range(len(psutil.cpu_times(percpu=True))))
         before = times()
         for _ in range(max(1, slices)):
             time.sleep(seconds / max(1, slices))
             after = times()
             busy, ticks, own, wall = (a - b for a, b in zip(after, before, strict=True))
-            machine = cpus * busy / ticks if ticks > 0 else 0.0
-            readings.append(max(0.0, machine - own / max(wall, 1e-6)))
+            cores = len(cpus) * busy / ticks if ticks > 0 else 0.0
+            readings.append(max(0.0, cores - own / max(wall, 1e-6)))
             before = after
-    except (OSError, ValueError, IndexError):
+    except (psutil.Error, OSError, ValueError, IndexError):
         return None
     return min(readings)
 
@@ -94,7 +118,7 @@ def worker_threads(threads: int | None, env: Mapping[str, str], device_type: str
     if device_type != "cpu":
         return None
     load = busy_cores()
-    if load is None:  # no /proc/stat (macOS): the 1-minute load average
+    if load is None:  # the CPU times were not readable: the 1-minute load average
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     cores = available_cores()
     idle = idle_cores(cores, load)
@@ -110,9 +134,7 @@ def worker_threads(threads: int | None, env: Mapping[str, str], device_type: str
 
 def available_cores() -> int:
     """The CPU cores this process may run on (its affinity mask, as a cgroup cpuset sets it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+    return len(allowed_cpus())
 
 
 def slot_threads(slots: int, threads: int | None, env: Mapping[str, str], cores: int) -> int:

@@ -24,13 +24,12 @@ The rule, per stage:
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tlopt.errors import ConfigError
+from tlopt.durations import format_duration
 
-if TYPE_CHECKING:  # the config parser reads durations here: no torch on that path
+if TYPE_CHECKING:
     from tlopt.tune.plan import Plan, StagePlan
 
 PROBE_SHARE = 0.15  # at most this share of the budget for the image size probe
@@ -41,33 +40,7 @@ MIN_EPOCHS = 3  # shorter fine-tuning trials are mostly warm-up (one epoch by de
 TRIALS_LEAST = 2  # a fine-tuning stage runs only if this many of its shortest trials fit
 TRIAL_OVERHEAD_S = 2.0  # per trial: the model built, its records written
 REPORT_S = 15.0  # the report after the export
-UNITS = {"s": 1, "m": 60, "h": 3600}
 HOLDS = "holds its finished trials"  # the why of a stage with nothing left to run
-
-
-def parse_duration(text: str, what: str = "--time") -> float:
-    """``"20m"``, ``"90s"``, ``"1.5h"``, ``"1h30m"`` -> seconds; a one-line error otherwise.
-
-    Example:
-        >>> parse_duration("1h30m")
-        5400.0
-    """
-    parts = re.fullmatch(r"\s*((\d+(\.\d+)?)\s*[hms]\s*)+", text.lower() if text else "")
-    if parts is None:
-        raise ConfigError(f"{what} '{text}': give a time with a unit, e.g. 20m, 90s, 1.5h or 1h30m")
-    seconds = sum(float(n) * UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text))
-    if seconds < 1:
-        raise ConfigError(f"{what} '{text}': give at least one second")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds as :func:`parse_duration` reads them: ``1200`` -> ``"20m"``."""
-    if seconds % 3600 == 0:
-        return f"{seconds / 3600:g}h"
-    if seconds % 60 == 0:
-        return f"{seconds / 60:g}m"
-    return f"{seconds:g}s"
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 A worker asks for trials under the shared budget (``budget.py``), draws their points
 (``sampling.py``), runs them (one at a time, or head trials K at once), tells the study how
-each ended, and re-queues what it cannot finish when it is stopped. Every trial beats from the
-moment it is asked for (``resilience.py``), so a dead worker's trial always ends and is
-retried. ``supervisor.py`` runs one worker process per GPU or CPU slot.
+each ended, and re-queues what it cannot finish when it is stopped (``outcomes.py``). Every
+trial beats from the moment it is asked for (``resilience.py``), so a dead worker's trial
+always ends and is retried. ``supervisor.py`` runs one worker process per GPU or CPU slot.
 """
 
 from __future__ import annotations
@@ -19,23 +19,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import NoReturn
 
 import optuna
 import torch
-from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 from tqdm import tqdm
 
 from tlopt.config import StudyConfig
-from tlopt.devices import check_device, free_after, pick_device
+from tlopt.devices import check_device, pick_device
 from tlopt.errors import StorageError, TloptError
 from tlopt.names import ATTR
 from tlopt.progress import bar
 from tlopt.train.ledger import Interrupted
-from tlopt.tune.budget import next_trials, tell_trial
+from tlopt.tune.budget import next_trials
 from tlopt.tune.context import StudyContext, TrialDone
 from tlopt.tune.objective import can_batch_heads, head_objectives, objective
+from tlopt.tune.outcomes import Stopped, fail_and_requeue, requeue_and_raise, settle
 from tlopt.tune.pruners import make_pruner
 from tlopt.tune.resilience import heartbeat, retrying
 from tlopt.tune.sampling import (
@@ -63,10 +63,6 @@ class WorkerSummary:
     failed: int = 0
     taken: int = 0  # ended by another process while they ran here (a stale-trial check)
     trials: list[int] = field(default_factory=list)
-
-
-class _Stop(Exception):
-    """SIGTERM or SIGINT: finish cleanly."""
 
 
 # Set by SIGTERM/SIGINT. The handler only sets it: raising from a signal handler could cut a
@@ -192,7 +188,7 @@ def work(
         ):
             retrying("showing progress", lambda: _show_progress(shown, study))
             if STOP.is_set():
-                raise _Stop("signal")
+                raise Stopped("signal")
             ask = functools.partial(
                 next_trials,
                 study,
@@ -230,7 +226,7 @@ def work(
                     summary.pruned += 1
                 else:
                     summary.failed += 1
-    except _Stop as stop:
+    except Stopped as stop:
         log.warning("worker %d stopping on %s", os.getpid(), stop)
     finally:
         _show_progress(shown, study)
@@ -265,10 +261,10 @@ def _run(
         with beat:
             outcome = objective(trial, ctx)
     except (Interrupted, KeyboardInterrupt, StorageError) as exc:
-        _requeue_and_raise([trial], exc, config)
+        requeue_and_raise([trial], exc, config.storage.max_retry)
     except Exception as exc:  # a prune, or the trial's own problem: it fails only that trial
         outcome = exc
-    return _settle(study, trial, outcome)
+    return settle(study, trial, outcome)
 
 
 def _run_each(
@@ -297,7 +293,7 @@ def _run_each(
                 states.append(_run(study, trial, ctx, config, beats[i]))
             except BaseException:
                 for waiting in trials[i + 1 :]:
-                    _fail_and_requeue(study, waiting, "worker stopped", config.storage.max_retry)
+                    fail_and_requeue(study, waiting, "worker stopped", config.storage.max_retry)
                 raise
     return states
 
@@ -316,7 +312,7 @@ def _run_heads(
     states: dict[int, TrialState | None] = {}
 
     def tell(i: int, outcome: float | BaseException) -> None:
-        states[i] = _settle(study, trials[i], outcome)
+        states[i] = settle(study, trials[i], outcome)
 
     with contextlib.ExitStack() as beats:
         for trial in trials:
@@ -327,95 +323,11 @@ def _run_heads(
             if head_objectives(trials, ctx, on_outcome=tell) is None:
                 return None
         except (Interrupted, KeyboardInterrupt, StorageError) as exc:
-            _requeue_and_raise([t for i, t in enumerate(trials) if i not in states], exc, config)
+            requeue_and_raise(
+                [t for i, t in enumerate(trials) if i not in states], exc, config.storage.max_retry
+            )
         except Exception as exc:  # a crashed batch fails its trials, not the worker
             for i in range(len(trials)):
                 if i not in states:
                     tell(i, exc)
     return [states[i] for i in range(len(trials))]
-
-
-def _requeue_and_raise(
-    trials: list[optuna.Trial], exc: BaseException, config: StudyConfig
-) -> NoReturn:
-    """The worker stops (a signal) or loses the storage: queue its trials again."""
-    stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
-    why = "worker stopped" if stopped else str(exc).splitlines()[0][:500]
-    for trial in trials:
-        _fail_and_requeue(trial.study, trial, why, config.storage.max_retry)
-    if stopped:
-        raise _Stop("signal") from None
-    raise exc
-
-
-def _settle(
-    study: optuna.Study, trial: optuna.Trial, outcome: float | BaseException
-) -> TrialState | None:
-    """Tell the study how a trial ended: its value, a prune, or a failure with its reason.
-
-    None: the trial was ended elsewhere while it ran here (a write found it finished, or the
-    tell did), and has been queued again there; the worker goes on.
-    """
-    if isinstance(outcome, optuna.exceptions.UpdateFinishedTrialError):
-        state = retrying("reading a trial", lambda: study._storage.get_trial(trial._trial_id)).state
-        log.warning(
-            "trial %d was ended elsewhere (%s) while it ran here, and queued again there: "
-            "this worker goes on",
-            trial.number,
-            state.name,
-        )
-        return None
-    if isinstance(outcome, optuna.TrialPruned):
-        log.info("trial %d pruned: %s", trial.number, outcome)
-        return TrialState.PRUNED if tell_trial(study, trial, None, TrialState.PRUNED) else None
-    if isinstance(outcome, BaseException):
-        if isinstance(outcome, torch.cuda.OutOfMemoryError):
-            free_after(outcome)  # before the next trial: drop fit's frames, empty the cache
-            reason = (
-                f"CUDA out of memory at batch size {trial.params.get('batch_size')}: lower "
-                "search.batch_size or data.image_size, or use fewer --per-gpu"
-            )
-        else:
-            reason = f"{type(outcome).__name__}: {outcome}".splitlines()[0][:500]
-        log.error("trial %d failed: %s", trial.number, reason)
-        record = functools.partial(trial.set_user_attr, ATTR + "error", reason)
-        # Failed already: the stale check of another worker judged its heartbeat too old.
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            retrying("recording a failure", record)
-        return TrialState.FAIL if tell_trial(study, trial, None, TrialState.FAIL) else None
-    if not tell_trial(study, trial, outcome, TrialState.COMPLETE):
-        return None
-    log.info(
-        "trial %d complete: val_loss %.4f  val_acc %.4f",
-        trial.number,
-        outcome,
-        trial.user_attrs.get("val_accuracy", float("nan")),
-    )
-    return TrialState.COMPLETE
-
-
-def _fail_and_requeue(study: optuna.Study, trial: optuna.Trial, why: str, max_retry: int) -> None:
-    """Fail an interrupted trial and queue it again with the same parameters, once.
-
-    A trial that another process failed meanwhile (and queued again) is left as it is, so
-    the worker goes on to re-queue the rest of its trials.
-    """
-    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-        retrying("recording why", lambda: trial.set_user_attr(ATTR + "error", why))
-    tell_trial(study, trial, None, TrialState.FAIL)
-    if retrying("looking for a retry", lambda: _has_retry(study, trial.number)):
-        return
-    frozen = retrying("reading a trial", lambda: study._storage.get_trial(trial._trial_id))
-    retrying(
-        f"queueing trial {trial.number} again",
-        lambda: RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)(
-            study, frozen
-        ),
-    )
-
-
-def _has_retry(study: optuna.Study, number: int) -> bool:
-    """Whether a trial queued again from trial ``number`` exists (Optuna's retry callback)."""
-    return any(
-        t.system_attrs.get("failed_trial") == number for t in study.get_trials(deepcopy=False)
-    )

@@ -1,4 +1,7 @@
-"""Descriptors: the pooled vector before the classifier, one row per image."""
+"""Descriptors: the pooled vector before the classifier, one row per image.
+
+The export writes them for every image; the size probe fits its linear probe on them.
+"""
 
 from __future__ import annotations
 
