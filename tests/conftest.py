@@ -31,6 +31,7 @@ import pytest
 from sqlalchemy.engine import URL, make_url
 
 from tlopt import once
+from tlopt.tune.context import forget_sources
 
 PgAdmin = Callable[..., list[tuple[Any, ...]]]
 
@@ -47,8 +48,10 @@ weights = "none"
 
 @pytest.fixture(autouse=True)
 def _lines_said_anew() -> None:
-    """Lines said once a process (``tlopt.once``) are said again in each test."""
+    """Lines said once a process (``tlopt.once``) are said again in each test, and each test
+    opens its data afresh (a process keeps what it opened: ``open_config_source``)."""
     once.forget()
+    forget_sources()
 
 
 @pytest.fixture(autouse=True)

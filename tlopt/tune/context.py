@@ -72,6 +72,11 @@ SOURCES_KEPT = 4  # the data sets a process keeps open (a tune run uses one)
 _SOURCES: dict[tuple[Any, ...], Source] = {}
 
 
+def forget_sources() -> None:
+    """Open every data set afresh from now on (tests that change what opening depends on)."""
+    _SOURCES.clear()
+
+
 def _folder_state(path: str) -> tuple[tuple[str, int, int], ...] | None:
     """Every file under ``path`` with its size and modification time (None: not a folder)."""
     if not path or not os.path.isdir(path):
