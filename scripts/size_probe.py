@@ -80,7 +80,7 @@ def main() -> int:
         train = (x, np.concatenate([ytr, ytr]))
         val = (descriptors(model, pixels[index["val"]], y[index["val"]]), y[index["val"]])
         cells = [probe_fit(train, val, c) for c in C_VALUES]
-        row = "  ".join(f"{loss:.4f} / {hits}" for loss, hits in cells)
+        row = "  ".join(f"{loss:.4f} / {hits}" for loss, hits, _ in cells)
         print(f"{size:>5d} px  {time.perf_counter() - start:6.1f} s  {row}", flush=True)
     return 0
 

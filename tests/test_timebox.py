@@ -20,7 +20,7 @@ from tlopt.config import StudyConfig, load_config
 from tlopt.durations import format_duration, parse_duration
 from tlopt.errors import ConfigError
 from tlopt.tune.plan import Plan, StagePlan
-from tlopt.tune.size_probe import ProbeRow, candidate_sizes, choose
+from tlopt.tune.size_probe import ProbeRow, candidate_sizes, choose, probe_table
 from tlopt.tune.timebox import allot, export_seconds
 
 TINY = ["--backbone", "test_efficientnet", "--weights", "none"]
@@ -100,6 +100,26 @@ def test_a_stage_that_holds_its_trials_costs_nothing() -> None:
     assert (shares[0].trials, shares[0].seconds) == (0, 0.0)
 
 
+def test_the_probe_chooses_a_larger_size_when_it_is_lower_beyond_noise() -> None:
+    """Sizes are compared image by image (a paired bootstrap), not by a fixed share of the
+    mean: a size 1% lower on every image wins, one more than 2% lower on average but by two
+    images of 153, higher on the others, does not; the table says in how many resamples the chosen won."""
+    base = np.random.default_rng(1).uniform(0.01, 0.6, 153)
+    base[:2] = 2.0  # two hard images
+
+    def row(size: int, losses: np.ndarray) -> ProbeRow:
+        return ProbeRow(size, 1.0, float(losses.mean()), 140, 153, 1.0, tuple(losses))
+
+    small, steady = row(224, base), row(256, base * 0.99)
+    assert choose([small, steady]) == 256  # 1% lower everywhere: beyond noise
+    noisy = base + 0.01  # higher on 151 images, much lower on the two hard ones
+    noisy[:2] = 0.5
+    lucky = row(288, noisy)
+    assert lucky.loss < small.loss * 0.98 and choose([small, lucky]) == 224
+    table = "\n".join(probe_table([small, lucky], 224))
+    assert "288 px" in table and "of resamples" in table
+
+
 def test_the_probe_chooses_a_larger_size_only_when_it_is_clearly_better() -> None:
     def row(size: int, loss: float) -> ProbeRow:
         return ProbeRow(size, 1.0, loss, 0, 10, 1.0)
@@ -108,6 +128,7 @@ def test_the_probe_chooses_a_larger_size_only_when_it_is_clearly_better() -> Non
     assert choose([row(224, 0.148), row(256, 0.141), row(288, 0.094), row(320, 0.095)]) == 288
     assert choose([row(224, 0.100), row(256, 0.099)]) == 224  # 1% lower is not worth 1.3x
     assert candidate_sizes(224, 375) == [224, 256, 288, 320]
+    assert choose([row(256, 0.099), row(224, 0.100)]) == 224  # the order probed does not matter
     assert candidate_sizes(224, 250) == [224]  # photos no larger than 250 px: no upscaling
     assert max(candidate_sizes(224, 8)) <= 224 and min(candidate_sizes(224, 8)) >= 32
 

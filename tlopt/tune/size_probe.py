@@ -6,10 +6,14 @@ its pooled features (the export's descriptors), and a logistic regression (sciki
 fit per C) is scored on the validation split. The head stage is such a probe, so a size with a
 lower probe loss gives a better head, and the fine-tuning stages start from it.
 
-Sizes are probed smallest first; with a time limit the probe stops before a size whose cost
-(about the last one's times the ratio of pixels) would pass it. The chosen size has the lowest
-validation log loss; a larger size must beat a smaller one by :data:`BETTER_BY` (it costs
-about (size / smaller) ** 2 as much per epoch).
+The backbone's own size is probed first (a photo smaller than it may still do best upsampled
+to it: flowers of 128 px probed 1.02 at 128 and 0.76 at 224), then the others smallest first;
+with a time limit the probe leaves out a size whose cost (about the last one's times the ratio
+of pixels) would pass it, and goes on with the cheaper ones. The chosen size is the smallest
+unless a larger one is better beyond noise: a paired bootstrap over the validation images'
+log losses must put its mean below the smaller one's in :data:`CONFIDENCE` of resamples (a
+larger size costs about (size / smaller) ** 2 as much per epoch). Rows without per-image
+losses (records made before) fall back to :data:`BETTER_BY`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +37,9 @@ from tlopt.train.data import ImageSet
 from tlopt.train.descriptors import predict
 
 C_VALUES = (0.1, 1.0)
-BETTER_BY = 0.02  # a larger size must lower the probe's loss by 2% to be chosen
+BETTER_BY = 0.02  # without per-image losses: a larger size must lower the loss by 2%
+CONFIDENCE = 0.95  # a larger size is chosen when its loss is lower in this share of resamples
+RESAMPLES = 2000  # bootstrap resamples of the validation images (seeded: the same choice)
 STEPS = (1.0, 8 / 7, 9 / 7, 10 / 7)  # around the backbone's own size: 224 -> 224..320
 SIDE_SAMPLE = 64  # images whose sides are read to know how large the photos are
 
@@ -46,9 +52,11 @@ class ProbeRow:
     correct: int
     val: int
     c: float
+    # Each validation image's log loss (not in the record: the choice is made once).
+    losses: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "losses"}
 
 
 def native_size(model: torch.nn.Module) -> int:
@@ -83,13 +91,15 @@ def candidate_sizes(native: int, side: int) -> list[int]:
 
 def probe_fit(
     train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], c: float
-) -> tuple[float, int]:
-    """Validation log loss and correct count of a logistic regression fitted at ``c``."""
+) -> tuple[float, int, tuple[float, ...]]:
+    """Validation log loss, correct count and each image's log loss of a logistic regression
+    fitted at ``c``."""
     clf = LogisticRegression(C=c, max_iter=5000).fit(*train)
     p = clf.predict_proba(val[0])
     picked = p[np.arange(len(val[1])), np.searchsorted(clf.classes_, val[1])]
-    loss = float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
-    return loss, int((clf.classes_[p.argmax(1)] == val[1]).sum())
+    each = -np.log(np.clip(picked, 1e-12, 1.0))
+    hits = int((clf.classes_[p.argmax(1)] == val[1]).sum())
+    return float(each.mean()), hits, tuple(float(v) for v in each)
 
 
 def probe_sizes(
@@ -136,12 +146,13 @@ def probe_sizes(
 
     rows: list[ProbeRow] = []
     began = time.perf_counter()
-    for size in sorted(sizes):
+    native = native_size(backbone())
+    for size in sorted(sizes, key=lambda s: (s != native, s)):  # its own size first
         if rows and seconds is not None:
             expected = rows[-1].seconds * (size / rows[-1].size) ** 2
             if time.perf_counter() - began + expected > seconds:
                 say(f"size probe: {size} px left out (about {expected:.0f} s; its share is spent)")
-                break
+                continue
         start = time.perf_counter()
         if (got := pooled(size)) is not None:
             x, yy, val = got[0], got[1], (got[2], got[3])
@@ -153,20 +164,35 @@ def probe_sizes(
                 x = np.concatenate([x, features(tr[:, :, ::-1], ytr)])
                 yy = np.concatenate([ytr, ytr])
             val = (features(pixels[index["val"]], y[index["val"]]), y[index["val"]])
-        (loss, hits), c = min((probe_fit((x, yy), val, c), c) for c in C_VALUES)
-        row = ProbeRow(size, time.perf_counter() - start, loss, hits, len(val[1]), c)
+        (loss, hits, each), c = min((probe_fit((x, yy), val, c), c) for c in C_VALUES)
+        row = ProbeRow(size, time.perf_counter() - start, loss, hits, len(val[1]), c, each)
         say(f"size probe: {size:>4} px  val loss {loss:.4f}  {hits}/{row.val} correct  "
             f"({row.seconds:.0f} s)")  # fmt: skip
         rows.append(row)
-    return rows
+    return sorted(rows, key=lambda r: r.size)
+
+
+def lower_share(smaller: ProbeRow, larger: ProbeRow) -> float | None:
+    """The share of paired bootstrap resamples of the validation images in which ``larger``'s
+    mean log loss is below ``smaller``'s (None: no per-image losses to pair)."""
+    if not smaller.losses or len(smaller.losses) != len(larger.losses):
+        return None
+    diff = np.asarray(smaller.losses) - np.asarray(larger.losses)
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(diff), size=(RESAMPLES, len(diff)))
+    return float((diff[picks].mean(axis=1) > 0).mean())
 
 
 def choose(rows: list[ProbeRow]) -> int:
-    """The size with the lowest probe loss, a larger one only when it is :data:`BETTER_BY`
-    lower than every smaller one (it costs more per epoch)."""
-    best = rows[0]
-    for row in rows[1:]:
-        if row.loss < best.loss * (1 - BETTER_BY):
+    """The smallest size, a larger one only when it is lower beyond noise than the best smaller
+    one (:func:`lower_share` at least :data:`CONFIDENCE`; without per-image losses
+    :data:`BETTER_BY` lower): it costs more per epoch."""
+    ordered = sorted(rows, key=lambda r: r.size)
+    best = ordered[0]
+    for row in ordered[1:]:
+        share = lower_share(best, row)
+        better = row.loss < best.loss * (1 - BETTER_BY) if share is None else share >= CONFIDENCE
+        if better and row.loss < best.loss:
             best = row
     return best.size
 
@@ -174,9 +200,12 @@ def choose(rows: list[ProbeRow]) -> int:
 def probe_table(rows: list[ProbeRow], chosen: int) -> list[str]:
     """The probe as comment lines for the study file and the report."""
     lines = [f"image size chosen by a linear probe on the frozen features: {chosen} px"]
-    lines += [
-        f"  {r.size:>4} px  val log loss {r.loss:.4f}  {r.correct}/{r.val} correct  C={r.c:g}"
-        f"  {r.seconds:.0f} s" + ("  <- chosen" if r.size == chosen else "")
-        for r in rows
-    ]
+    pick = next(r for r in rows if r.size == chosen)
+    for r in rows:
+        share = lower_share(r, pick) if r.size != chosen else None
+        margin = "" if share is None else f"  chosen lower in {share:.0%} of resamples"
+        lines.append(
+            f"  {r.size:>4} px  val log loss {r.loss:.4f}  {r.correct}/{r.val} correct  "
+            f"C={r.c:g}  {r.seconds:.0f} s" + ("  <- chosen" if r.size == chosen else margin)
+        )
     return lines
