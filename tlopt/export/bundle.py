@@ -100,6 +100,7 @@ def export_best(
     at any moment leaves the old export or the new one, never a mix (:func:`recover`)."""
     study = load(study_name, storage_url)
     best = trial if trial is not None else best_trial(study)
+    out = out.expanduser().resolve()  # its parent holds the new export until the swap
     recover(out)
     _prepare_out(out, force)
     # From the head the trial started from (trials before heads were recorded: the study's first).
