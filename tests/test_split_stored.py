@@ -13,7 +13,7 @@ from tlopt.data import split as split_module
 from tlopt.errors import StudyError
 from tlopt.names import ATTR
 from tlopt.tune import study as studies
-from tlopt.tune.context import StudyContext, open_config_source
+from tlopt.tune.context import StudyContext, forget_sources, open_config_source
 
 
 def _another_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,6 +38,7 @@ def test_workers_on_another_numpy_use_the_stored_split(
     assert len(held_out) == sum(study.user_attrs[ATTR + "counts"][s] for s in ("val", "test"))
 
     _another_numpy(monkeypatch)
+    forget_sources()  # a worker is another process: it opens the data itself
     redrawn = open_config_source(config)  # what a worker without the stored split would see
     assert redrawn.fingerprint != study.user_attrs[ATTR + "fingerprint"]
     ctx = StudyContext.open(study, "cpu")  # no "the data changed": the stored split is used
