@@ -50,6 +50,35 @@ weights = "none"
 """
 
 
+# Modules whose tests share a costly module- or session-scoped fixture, run on one pytest-xdist
+# worker so that it is built once: the report's stage studies, the browser's finished study,
+# and the digits export that test_export_preprocess and test_predict both read.
+XDIST_GROUPS = {
+    "tests/test_report.py": "report",
+    "tests/test_browser.py": "browser",
+    "tests/test_export_preprocess.py": "digits-export",
+    "tests/test_predict.py": "digits-export",
+}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With ``--dist loadgroup``: the tests of an ``XDIST_GROUPS`` module go to one worker as
+    one unit, every other test alone (as ``--dist load``).
+
+    pytest-xdist's own xdist_group mark does nothing under pytest 9.2 (xdist 3.8 renames
+    ``item._nodeid``, which pytest 9 no longer reads), so the groups are kept here, by module.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModuleGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return XDIST_GROUPS.get(nodeid.split("::", 1)[0], nodeid)
+
+    return ByModuleGroup(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow tests first, each module's in its order: with two pytest-xdist workers the
     run ends on short tests, not on a long one that one worker runs while the other waits."""

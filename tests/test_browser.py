@@ -30,7 +30,7 @@ from tlopt.report.trial_artifacts import write_trial_artifacts
 from tlopt.tune import study as studies
 from tlopt.tune.worker import work
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser")]  # one finished study
+pytestmark = pytest.mark.slow
 HOST = "127.0.0.1"  # never anything else
 TINY = (
     """

@@ -84,8 +84,7 @@ def build_export(base: Path) -> dict[str, Any]:
 
 
 # ``export``, the session-scoped fixture in tests/conftest.py, is build_export's: one export
-# for this module and tests/test_predict.py, on one pytest-xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("digits-export")
+# for this module and tests/test_predict.py, on one pytest-xdist worker (conftest's XDIST_GROUPS).
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

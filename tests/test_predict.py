@@ -21,8 +21,6 @@ from tlopt.data.source import DataWarning
 from tlopt.errors import DataError, TloptError
 from tlopt.export.predict import predict_images
 
-pytestmark = pytest.mark.xdist_group("digits-export")  # built once for both modules
-
 
 def one_error(done: Any, *needles: str) -> None:
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])

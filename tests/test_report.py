@@ -59,8 +59,6 @@ n_warmup_steps = 0
 """
 )
 SECTIONS = ("curves", "params", "history", "overfitting", "walltime")
-# One worker builds the stage studies once for the module (scripts/test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("report")
 
 
 @pytest.fixture(scope="module")
