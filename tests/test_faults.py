@@ -129,6 +129,8 @@ def test_no_stale_check_until_connected_for_a_grace_period(sqlite_storage_url: s
     assert study.trials[trial.number].state == TrialState.FAIL
 
 
+# About a minute: a 20 s outage with three worker processes; the only test that an outage
+# longer than the grace period fails no live trial.
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_an_outage_longer_than_the_grace_period_fails_no_live_trial(

@@ -124,6 +124,8 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.2)
 
 
+# Over a minute on 2 cores: eight worker processes each start torch and the study; the only
+# test of one budget shared by more worker processes than cores, on PostgreSQL.
 @pytest.mark.postgres
 def test_eight_workers_share_a_budget_of_forty(pg_storage_url: str, tmp_path: Path) -> None:
     # Eight processes on two cores: a 4 s grace period was once passed by a live trial's
@@ -192,6 +194,8 @@ def test_sigkill_mid_trial_resumes_from_its_checkpoint(storage_url: str, tmp_pat
     assert not retry[0].user_attrs.get("tlopt.checkpoint")  # cleaned up when finished
 
 
+# About a minute on 2 cores: four worker processes, 16 trials, a restart while they run; the
+# only test that workers ride out a PostgreSQL restart (no slot dies, every trial finishes).
 @pytest.mark.postgres
 def test_postgres_restart_while_four_workers_run(
     pg_storage_url: str, tmp_path: Path, restart_postgres: Callable[[], None]
@@ -208,6 +212,8 @@ def test_postgres_restart_while_four_workers_run(
     assert "restarting" not in output  # no worker process died
 
 
+# About a minute on 2 cores: four worker processes; the only test of concurrent workers on
+# one SQLite file (its locking: no "database is locked").
 def test_four_workers_on_one_sqlite_file(sqlite_storage_url: str, tmp_path: Path) -> None:
     studies.create(load_config(make_config(tmp_path, 16, 1)), "head", sqlite_storage_url)
     proc = start_worker("svc/head", sqlite_storage_url, "--processes", "4")

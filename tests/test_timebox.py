@@ -126,6 +126,8 @@ def test_a_study_file_reads_budget_time_and_auto_size(tmp_path: Path) -> None:
         load_config(path)
 
 
+# Over 60 s by design: the budget it checks is 75 s of wall time, then a rerun refused and one
+# of 1m; the only test that tune keeps --time end to end and a rerun spends what is left.
 @pytest.mark.slow  # tlopt tune on a folder, twice: the full tier
 def test_tune_keeps_its_time_budget_and_a_rerun_spends_only_what_is_left(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
