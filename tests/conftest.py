@@ -15,6 +15,7 @@ Run by hand, ``pytest`` skips the PostgreSQL tests unless those are set.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import secrets
@@ -35,6 +36,12 @@ from tlopt.tune.context import forget_sources
 
 PgAdmin = Callable[..., list[tuple[Any, ...]]]
 
+# Two pytest-xdist workers on two cores: one torch thread each (and in the tlopt processes they
+# start), not torch's pool of every core per worker. Set before any test module imports torch;
+# tests of the thread choice itself clear it (monkeypatch.delenv).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # The data and model of the tiny studies the tests run: scikit-learn's real digits at 16 px
 # on timm's small test network, so that a trial takes about a second on a CPU.
 TINY_DATA_MODEL = """[data]
@@ -44,6 +51,57 @@ image_size = 16
 backbone = "test_efficientnet"
 weights = "none"
 """
+
+
+# Modules whose tests share a costly module- or session-scoped fixture, run on one pytest-xdist
+# worker so that it is built once: the report's stage studies, the browser's finished study,
+# and the digits export that test_export_preprocess and test_predict both read.
+XDIST_GROUPS = {
+    "tests/test_report.py": "report",
+    "tests/test_browser.py": "browser",
+    "tests/test_export_preprocess.py": "digits-export",
+    "tests/test_predict.py": "digits-export",
+}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With ``--dist loadgroup``: the tests of an ``XDIST_GROUPS`` module go to one worker as
+    one unit, every other test alone (as ``--dist load``).
+
+    pytest-xdist's own xdist_group mark does nothing under pytest 9.2 (xdist 3.8 renames
+    ``item._nodeid``, which pytest 9 no longer reads), so the groups are kept here, by module.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModuleGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return XDIST_GROUPS.get(nodeid.split("::", 1)[0], nodeid)
+
+    return ByModuleGroup(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first, each module's in its order: with two pytest-xdist workers the
+    run ends on short tests, not on a long one that one worker runs while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's temporary folder, the same for every pytest-xdist worker of the run.
+
+    Each xdist worker has a base folder of its own (``.../pytest-N/popen-gw0``); what the
+    workers share (the decoded-image cache, the PostgreSQL lock) lies in its parent.
+    """
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's decoded-image cache (``TLOPT_CACHE``): decoded once for all workers (the
+    cache renames whole files into place, so two workers building one entry is safe)."""
+    return run_root(tmp_path_factory) / "cache"
 
 
 @pytest.fixture(autouse=True)
@@ -64,9 +122,40 @@ def _shared_cache(
     directory (the default storage ``sqlite:///studies/tlopt.db``, a PostgreSQL study's
     ``studies/artifacts``) lands there, never in the checkout. Subprocesses inherit it.
     """
-    monkeypatch.setenv("TLOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("TLOPT_CACHE", str(shared_cache(tmp_path_factory)))
     monkeypatch.delenv("TLOPT_STORAGE", raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _postgres_turns(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """PostgreSQL tests share the server; a test that stops or restarts it has it alone.
+
+    With pytest-xdist (``scripts/test`` runs two workers) a test using the server holds a
+    shared ``flock`` on a file of the run for its whole length, databases made and dropped
+    included; one using ``pg_server`` holds it exclusively, so no other worker's test is
+    connected while the server is down. A turnstile lock, taken briefly by every test and
+    held by a waiting exclusive one, keeps a stream of shared holders from starving it.
+    Tests without PostgreSQL take nothing and run beside it.
+    """
+    uses = request.node.get_closest_marker("postgres") or "postgres_url" in request.fixturenames
+    if not uses:
+        yield
+        return
+    root = run_root(tmp_path_factory)
+    exclusive = "pg_server" in request.fixturenames
+    with open(root / "postgres.turnstile", "a") as gate, open(root / "postgres.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _require_or_skip(reason: str) -> None:
@@ -86,6 +175,16 @@ def _connect(url: URL, dbname: str | None = None) -> psycopg.Connection[tuple[An
         autocommit=True,
         connect_timeout=10,
     )
+
+
+@pytest.fixture(scope="session")
+def export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A head study on digits PNGs at 48 px and its ``export-best --json``, built once per
+    process for tests/test_export_preprocess.py and tests/test_predict.py (which only read
+    it): see ``build_export`` there."""
+    from tests.test_export_preprocess import build_export
+
+    return build_export(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="session")

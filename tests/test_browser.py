@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 import pytest
 
-from tests.conftest import TINY_DATA_MODEL
+from tests.conftest import TINY_DATA_MODEL, shared_cache
 from tlopt.config import load_config
 from tlopt.report import write_report
 from tlopt.report.trial_artifacts import write_trial_artifacts
@@ -56,7 +56,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     url = f"sqlite:///{root}/studies.db"
     (root / "web.toml").write_text(TINY)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TLOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        mp.setenv("TLOPT_CACHE", str(shared_cache(tmp_path_factory)))
         studies.create(load_config(root / "web.toml"), "head", url)
         work("web/head", url, on_trial_done=write_trial_artifacts)
     return url, root

@@ -83,9 +83,8 @@ def build_export(base: Path) -> dict[str, Any]:
     return {"root": base / "data", "out": out, "json": json.loads(done.stdout), "url": url}
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return build_export(tmp_path_factory.mktemp("export"))
+# ``export``, the session-scoped fixture in tests/conftest.py, is build_export's: one export
+# for this module and tests/test_predict.py, on one pytest-xdist worker (conftest's XDIST_GROUPS).
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -149,13 +149,18 @@ def test_no_stale_check_until_connected_for_a_grace_period(sqlite_storage_url: s
     assert study.trials[trial.number].state == TrialState.FAIL
 
 
+# About a minute: a 20 s outage with three worker processes; the only test that an outage
+# longer than the grace period fails no live trial.
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_an_outage_longer_than_the_grace_period_fails_no_live_trial(
     pg_storage_url: str, tmp_path: Path, pg_server: PgServer
 ) -> None:
-    """PostgreSQL down for 3 grace periods while two workers train and a third waits."""
-    name = _fine_tuning_study(pg_storage_url, tmp_path, n_trials=2, epochs=10)
+    """PostgreSQL down for 2.5 grace periods while two workers train and a third waits.
+
+    A grace period of 8 s, not 4: three workers beside a loaded machine's other work (the
+    suite's second worker, a CPU hog) must beat again within it once the server is back."""
+    name = _fine_tuning_study(pg_storage_url, tmp_path, n_trials=2, epochs=6, grace=8)
     workers = [start_worker(name, pg_storage_url) for _ in range(3)]
 
     def two_trials_training() -> bool:
@@ -165,7 +170,7 @@ def test_an_outage_longer_than_the_grace_period_fails_no_live_trial(
 
     wait_until(two_trials_training, 300, "two trials past their first epoch")
     pg_server.stop()
-    time.sleep(12)  # grace_period = 4 (tests/test_service.py's CONFIG)
+    time.sleep(20)  # 2.5 grace periods
     pg_server.start()
     outputs = [finish(w, 600) for w in workers]
     for worker, output in zip(workers, outputs, strict=True):

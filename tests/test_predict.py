@@ -1,7 +1,8 @@
 """``tlopt predict`` on a tiny export (issue 15.2): columns, agreement, skipped files, errors.
 
-The export is the one of ``tests/test_export_preprocess.py``: a head study on digits written as
-PNGs at 48 px, evaluated by ``export-best`` on its validation split.
+The export is the one of ``tests/test_export_preprocess.py`` (the ``export`` fixture of
+``tests/conftest.py``): a head study on digits written as PNGs at 48 px, evaluated by
+``export-best`` on its validation split.
 """
 
 from __future__ import annotations
@@ -15,15 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.test_export_preprocess import CLASSES, build_export, cli, read_csv
+from tests.test_export_preprocess import CLASSES, cli, read_csv
 from tlopt.data.source import DataWarning
 from tlopt.errors import DataError, TloptError
 from tlopt.export.predict import predict_images
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return build_export(tmp_path_factory.mktemp("predict"))
 
 
 def one_error(done: Any, *needles: str) -> None:

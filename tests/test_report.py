@@ -22,7 +22,7 @@ from optuna.artifacts import get_all_artifact_meta
 from optuna_dashboard import get_note
 from PIL import Image
 
-from tests.conftest import TINY_DATA_MODEL, cli
+from tests.conftest import TINY_DATA_MODEL, cli, shared_cache
 from tlopt.config import load_config
 from tlopt.export.bundle import export_best
 from tlopt.report import write_report
@@ -70,7 +70,7 @@ def stage_studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[s
     config_path.write_text(STAGES)
     config = load_config(config_path)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TLOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        mp.setenv("TLOPT_CACHE", str(shared_cache(tmp_path_factory)))
         for stage, n in (("head", 4), ("freeze1", 3), ("scratch", 3)):
             studies.create(config, stage, url)
             # Two different first trials: the workers' samplers are seeded per process, and

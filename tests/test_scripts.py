@@ -222,6 +222,8 @@ def test_finetune_ablation_bad_input_is_one_line_and_exit_2(
     one_line_error(run_in_group([*command, *args], 120, "finetune_ablation.py"), needle)
 
 
+# About a minute on 2 cores: scripts/demo runs a dozen tlopt commands, each a process that
+# starts torch; the only test of the demo script end to end.
 @pytest.mark.slow
 def test_demo_runs_its_stages_and_exports_on_a_tiny_study(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

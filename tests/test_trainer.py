@@ -148,6 +148,8 @@ def test_normalization_is_the_pretrained_cfg_of_the_model(
     assert normalization(model) == (mean, std)
 
 
+# About a minute on 2 cores: inductor compiles the step for each batch shape (16 and the last
+# epoch batch of 8); the only test of --compile.
 @pytest.mark.slow
 def test_compiled_step_matches_eager(digits: tuple[ImageSet, ImageSet]) -> None:
     """--compile (torch.compile; CUDA graphs on CUDA) trains to the eager path's losses.

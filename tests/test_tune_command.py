@@ -87,20 +87,31 @@ def stored_config(run: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow  # CLI subprocesses (a worker, or one per bad input): the full tier
-def test_tune_runs_the_stages_exports_reports_and_resumes(
+def test_tune_runs_the_stages_exports_reports_resumes_and_refuses_another_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data, run = shapes_folder(tmp_path / "shapes"), tmp_path / "run"
 
     # The head stage alone first: its study, the export of its best trial and the report.
-    code, out, err = tune_in_process(
-        [str(data), "--out", str(run), *FLAGS, "--stages", "head"], capsys, monkeypatch
-    )
+    args = [str(data), "--out", str(run), *FLAGS, "--stages", "head"]
+    code, out, err = tune_in_process(args, capsys, monkeypatch)
     assert code == 0, err
     assert "stage head: running 2 of 2 trials" in out
     assert "best stage by validation loss" in out and "same validation split" in out
     head = trials(run)["shapes/head"]
     assert len(head) == 2 and {state for _, state, _ in head} <= {"COMPLETE", "PRUNED"}
+
+    # A rerun with another config is refused in one line and changes nothing.
+    before, studies = _files(run), trials(run)
+    for flag, value, key in (
+        ("--image-size", "24", "data.image_size: 32 -> 24"),
+        ("--backbone", "test_byobnet", 'model.backbone: "test_efficientnet" -> "test_byobnet"'),
+    ):
+        i = args.index(flag) + 1
+        changed = [*args[:i], value, *args[i + 1 :]]
+        line = _one_line(*tune_in_process(changed, capsys, monkeypatch), "another config", key)
+        assert "--name NEW" in line  # the remedy: a run of another name
+        assert _files(run) == before and trials(run) == studies
 
     # Then head and freeze1 (a user's process, --json): head runs nothing, freeze1 its budget.
     done = tune_subprocess(
@@ -297,26 +308,6 @@ def test_a_run_whose_storage_holds_a_secret_resumes_there_or_refuses(
     assert code == 0, err
     assert "nothing to do" in out and password not in out + err
     assert not (run / "studies.db").exists()
-
-
-@pytest.mark.slow
-def test_a_rerun_with_another_config_is_refused_and_changes_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    data, run = shapes_folder(tmp_path / "shapes"), tmp_path / "run"
-    args = [str(data), "--out", str(run), *FLAGS, "--stages", "head"]
-    code, _, err = tune_in_process(args, capsys, monkeypatch)
-    assert code == 0, err
-    before, studies = _files(run), trials(run)
-    for flag, value, key in (
-        ("--image-size", "24", "data.image_size: 32 -> 24"),
-        ("--backbone", "test_byobnet", 'model.backbone: "test_efficientnet" -> "test_byobnet"'),
-    ):
-        i = args.index(flag) + 1
-        changed = [*args[:i], value, *args[i + 1 :]]
-        line = _one_line(*tune_in_process(changed, capsys, monkeypatch), "another config", key)
-        assert "--name NEW" in line  # the remedy: a run of another name
-        assert _files(run) == before and trials(run) == studies
 
 
 @pytest.mark.slow
