@@ -104,7 +104,8 @@ def test_a_stage_that_holds_its_trials_costs_nothing() -> None:
 def test_the_probe_chooses_a_larger_size_when_it_is_lower_beyond_noise() -> None:
     """Sizes are compared image by image (a paired bootstrap), not by a fixed share of the
     mean: a size 1% lower on every image wins, one more than 2% lower on average but by two
-    images of 153, higher on the others, does not; the table says in how many resamples the chosen won."""
+    images of 153, higher on the others, does not; the table says in how many resamples the
+    chosen won."""
     base = np.random.default_rng(1).uniform(0.01, 0.6, 153)
     base[:2] = 2.0  # two hard images
 
