@@ -111,7 +111,7 @@ class Clock:
                 f"--time {format_duration(self.budget)}: give at least 1m (the "
                 "plan alone measures for seconds)"
             )
-        if self.left() < MIN_TIME_S:
+        if self.budget - self.before < MIN_TIME_S:  # what earlier runs of the folder left
             raise ConfigError(
                 f"--time {format_duration(self.budget)}: this run folder spent "
                 f"{self.before / 60:.1f} min of it already: give a larger --time to go on"
