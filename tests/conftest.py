@@ -64,6 +64,7 @@ XDIST_GROUPS = {
 }
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: unknown without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """With ``--dist loadgroup``: the tests of an ``XDIST_GROUPS`` module go to one worker as
     one unit, every other test alone (as ``--dist load``).
