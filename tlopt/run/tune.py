@@ -169,19 +169,7 @@ class _Run:
         clock.fixed += clock.now()  # the probe, the plan, the checks: what trains no trial
         try:
             self._run_stages(config, shares)
-            self.exporting = True
-            return finish(
-                config,
-                held,
-                out,
-                self.place,
-                self.stages,
-                self.ran,
-                self.plan,
-                self.probe,
-                clock,
-                say,
-            )
+            return self._finish()
         finally:
             self._closing_line()
 
@@ -293,6 +281,13 @@ class _Run:
             say += f"{clock.fixed / max(clock.now(), 1e-9):.0%} of this run's"
         self.say(say)
 
+    def _finish(self) -> dict[str, Any]:
+        """The export and the report (tlopt.run.finish); a stop from here keeps the old export."""
+        assert self.config is not None and self.held is not None and self.clock is not None
+        self.exporting = True
+        return finish(self.config, self.held, self.out, self.place, self.stages, self.ran,
+                      self.plan, self.probe, self.clock, self.say)  # fmt: skip
+
     def stopped(self) -> Stopped:
         """Ctrl-C or SIGTERM: the best trial so far exported (from its kept weights: seconds;
         Ctrl-C again skips it), then the one line that ends the run (exit 130)."""
@@ -309,19 +304,7 @@ class _Run:
             return Stopped(f"stopped before a trial completed: {keep}")
         self.say("stopped: exporting the best trial so far (Ctrl-C again skips it)")
         try:
-            self.exporting = True
-            finish(
-                config,
-                held,
-                self.out,
-                self.place,
-                self.stages,
-                self.ran,
-                self.plan,
-                self.probe,
-                clock,
-                self.say,
-            )
+            self._finish()
         except KeyboardInterrupt:
             return Stopped(
                 f"stopped again: the export was skipped ({self.out / 'export'} holds "
