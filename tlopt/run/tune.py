@@ -145,10 +145,9 @@ class _Run:
         self.plan, self._measured = measured_plan(config, names, held, self.place, record, say)
         shares: list[Allotment] = []
         if config.time_budget:
-            keep = taken | _every(run.fixed, names)
             reserve = self._export_reserve()
             config, shares, self.plan = allot_time(
-                config, names, held, self.plan, clock.left(), keep, reserve
+                config, names, held, self.plan, clock.left(), taken, reserve
             )
             check_studies(config, names, held)
         self._say_plan(shares)
@@ -315,10 +314,6 @@ class _Run:
         return Stopped(
             f"stopped: the best trial so far is exported to {self.out / 'export'}; {keep}"
         )
-
-
-def _every(fixed: frozenset[str], names: list[str]) -> set[str]:
-    return set(names) if EVERY in fixed else set(fixed)
 
 
 def _masked(url: str) -> str:
