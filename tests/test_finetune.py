@@ -226,7 +226,7 @@ def test_fine_tuning_stages_default_to_fine_tuning_rates(tmp_path: Path) -> None
     head, freeze1, freeze2 = (config.space_for(s) for s in ("head", "freeze1", "freeze2"))
     assert (head.lr, head.warmup_epochs, head.layer_decay) == ((1e-3, 3e-3), (0.0,), (1.0,))
     assert (freeze1.lr, freeze1.warmup_epochs, freeze1.layer_decay) == (
-        (1e-5, 3e-5, 9e-5, 1e-4, 3e-4),  # 0.01, 0.03 and 0.1 of each [search] rate
+        (1e-5, 3e-5, 9e-5, 1e-4, 3e-4, 9e-4, 1e-3, 3e-3),  # 0.01..1 of each [search] rate
         (1.0,),
         (0.7,),
     )

@@ -90,17 +90,20 @@ class SearchSpace:
 # A fine-tuning stage starts from a trained head on a pretrained backbone, and the first full-
 # rate steps there undo the head (issue 12: the demo's freeze2 fell from 83% to 47% val in its
 # first epoch at the head's rate). Unless its [stages.NAME] table says otherwise, it searches
-# a hundredth, three hundredths and a tenth of the head's rates: how far the backbone should
-# move depends on how far the data is from ImageNet (the digits fine-tune best at 1e-4..2e-4,
-# a tenth of their head's 1e-3; hymenoptera's ants and bees, which ImageNet holds, at
-# 1e-5..3e-5, and at a tenth every trial of a 20-minute budget ended above the head's
-# validation loss: README, Accuracy). It warms up over its first epoch and scales the rate by
+# 0.01, 0.03, 0.1, 0.3 and 1 times the head's rates: how far the backbone should move depends
+# on how far the data is from ImageNet (the digits fine-tune best at 1e-4..2e-4, a tenth of
+# their head's 1e-3; hymenoptera's ants and bees, which ImageNet holds, at 1e-5..3e-5, and at a
+# tenth every trial of a 20-minute budget ended above the head's validation loss: README,
+# Accuracy; flower photos at 128 px, far from it, reached 79.3% val at a tenth to three tenths
+# of 1e-3 against 75.0% at 0.01..0.1: issue 28.3). A rate that undoes the head shows in its
+# first epoch, where a run's median pruner drops it (tlopt.run.options: FOLDER_PRUNER). It warms
+# up over its first epoch and scales the rate by
 # 0.7 per block group from the head down (EfficientNet-Lite0's earliest trained group at
 # 0.7**6 = 0.12, against fastai's 0.01 over more groups; measured on hymenoptera: README,
 # Accuracy). Its rate is the rate at batch size 32 (lr_batch_size): at 1e-4 with the rate as
 # written, a first epoch at batch size 8 (four times the Adam steps of one at 32) lost 3.3
 # points of the digits head against 0.8 at batch size 32 (README, Accuracy; issue 21.6).
-FINE_TUNE_LR_FACTORS = (0.01, 0.03, 0.1)
+FINE_TUNE_LR_FACTORS = (0.01, 0.03, 0.1, 0.3, 1.0)
 # A value [search] writes holds for every stage, even one equal to the [search] default: the
 # parser records which of these fields the file wrote (decided by presence, never by equality).
 FINE_TUNE_DEFAULTS: dict[str, Any] = {
@@ -117,8 +120,9 @@ FINE_TUNE_DEFAULTS: dict[str, Any] = {
 #   2  presence: a [search] value written on purpose holds (the snapshot leaves out the others).
 #   3  lr_batch_size: a fine-tuning stage's rate is the rate at batch size 32.
 #   4  a fine-tuning stage searches 0.01, 0.03 and 0.1 of the rate.
-RULES = 4
-_LR_FACTORS = {1: (0.1,), 2: (0.1,), 3: (0.1,), 4: FINE_TUNE_LR_FACTORS}
+#   5  ... and 0.3 and 1 of it too (issue 28.3).
+RULES = 5
+_LR_FACTORS = {1: (0.1,), 2: (0.1,), 3: (0.1,), 4: (0.01, 0.03, 0.1), 5: FINE_TUNE_LR_FACTORS}
 
 
 def rules_of(raw: dict[str, Any]) -> int:
@@ -177,9 +181,8 @@ class StudyConfig:
         """The search space of ``stage``: ``[search]`` with ``[stages.STAGE]`` on top.
 
         A fine-tuning stage takes the ``FINE_TUNE_DEFAULTS`` of the fields ``[search]`` did not
-        write (a value written on purpose holds, even when it equals the default) and a
-        hundredth, three hundredths and a tenth of the head's learning rates, under its own
-        table.
+        write (a value written on purpose holds, even when it equals the default) and
+        ``FINE_TUNE_LR_FACTORS`` of the head's learning rates, under its own table.
         """
         space = self.search
         if fine_tunes_from_head(stage):
