@@ -21,7 +21,7 @@ from tlopt.durations import format_duration, parse_duration
 from tlopt.errors import ConfigError
 from tlopt.tune.plan import Plan, StagePlan
 from tlopt.tune.size_probe import ProbeRow, candidate_sizes, choose, probe_table
-from tlopt.tune.timebox import allot, export_seconds
+from tlopt.tune.timebox import BETTER, Allotment, allot, export_seconds, rungs, turns
 
 TINY = ["--backbone", "test_efficientnet", "--weights", "none"]
 
@@ -257,3 +257,85 @@ def test_the_head_gets_at_least_one_trial_before_a_fine_tuning_stage() -> None:
     assert shares[0].trials >= 1
     tiny = allot(_plan(head_setup=2000.0), 600, set(), {"head": 20, "freeze1": 0, "freeze2": 0})
     assert tiny[0].trials == 0 and "left out" in tiny[0].why  # tune refuses it in one line
+
+
+def test_competing_fine_tuning_stages_take_half_their_share_then_the_rest_goes_to_one() -> None:
+    shares = [
+        Allotment("head", 9, (10,), 60.0),
+        Allotment("freeze1", 3, (3, 6), 100.0),
+        Allotment("freeze2", 0, (3,), 0.0, "left out"),
+        Allotment("freeze3", 2, (3,), 80.0),
+    ]
+    got = turns(shares)
+    assert got == [("head", 60.0), ("freeze1", 50.0), ("freeze2", 0.0), ("freeze3", 40.0),
+                   (BETTER, 90.0)]  # fmt: skip
+    assert sum(s for _, s in got) == sum(a.seconds for a in shares)  # nothing lost, nothing made
+    one = [Allotment("head", 9, (10,), 60.0), Allotment("freeze1", 3, (3,), 100.0)]
+    assert turns(one) == [("head", 60.0), ("freeze1", 100.0)]  # nothing to compete with
+    lines = rungs(shares, "median", 1, 1)
+    assert "every epoch from epoch 1" in lines[0] and "freeze1, freeze3 first run 50%" in lines[1]
+    assert rungs(one, "hyperband", 5, 3) == ["  rungs: as the hyperband pruner sets them"]
+
+
+def test_the_second_turn_goes_to_the_stage_with_the_lower_validation_loss(tmp_path: Path) -> None:
+    from optuna.trial import create_trial
+
+    from tlopt.run.held import Held
+    from tlopt.run.placement import Placement
+    from tlopt.run.tune import _Run
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    for stage, values in (("head", [0.3]), ("freeze1", [0.25, 0.21]), ("freeze2", [0.2, 0.4])):
+        study = optuna.create_study(study_name=f"r/{stage}", storage=url)
+        for v in values:
+            study.add_trial(create_trial(value=v))
+    said: list[str] = []
+    run = _Run(tmp_path / "run", None, None, "head,freeze1,freeze2", Placement(), said.append, {})
+    run.held = Held("r", url)
+    shares = [Allotment(s, 2, (3,), 60.0) for s in ("head", "freeze1", "freeze2")]
+    assert run._better(shares, 90.0) == "freeze2"
+    assert said == ["turns: freeze2 has the lowest validation loss (freeze1 0.2100, freeze2 "
+                    "0.2000): the remaining 1.5 min of fine-tuning go to it"]  # fmt: skip
+    optuna.create_study(study_name="r/freeze3", storage=url)  # no complete trial: not a choice
+    three = [*shares, Allotment("freeze3", 2, (3,), 60.0)]
+    assert run._better(three, 90.0) == "freeze2"
+    empty = Held("none", url)
+    run.held = empty
+    assert run._better(shares, 90.0) is None and "no fine-tuning stage" in said[-1]
+
+
+def test_a_folder_runs_median_pruner_stops_a_worse_trial_at_its_first_epoch(
+    tmp_path: Path,
+) -> None:
+    from tlopt.run.options import build_config
+    from tlopt.tune.pruners import make_pruner
+
+    data = tmp_path / "photos"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+    run = build_config(tmp_path / "run", data, None, **dict.fromkeys(
+        ("name", "seed", "trials", "backbone", "weights", "image_size", "epochs")))  # fmt: skip
+    p = run.config.pruner
+    pruner = make_pruner(p.type, p.n_startup_trials, p.n_warmup_steps, p.options)
+    study = optuna.create_study(pruner=pruner)
+    first = study.ask()
+    for epoch, loss in enumerate((0.5, 0.4, 0.35), start=1):
+        first.report(loss, epoch)
+        assert not first.should_prune()  # nothing completed to judge it by
+    study.tell(first, 0.35)
+    better, worse = study.ask(), study.ask()
+    better.report(0.45, 1)
+    worse.report(0.9, 1)  # a rate that undid the head: judged at its first epoch
+    assert not better.should_prune() and worse.should_prune()
+
+
+def test_the_export_reserve_grows_with_the_slowdown_the_trials_measured() -> None:
+    from tlopt.tune.timebox import MAX_SLOWDOWN, pace, slowdown
+
+    s = StagePlan("freeze1", 4, (3, 6), {16: 10.0, 32: 8.0}, 5.0, trial_seconds=2.0)
+    assert pace(s, 26.0, 3, 32) == pytest.approx(1.0)  # 2 + 3 x 8: as planned
+    assert pace(s, 64.0, 3, 16) == pytest.approx(2.0)  # 2 + 3 x 10, twice as long
+    assert pace(s, 10.0, 3, 8) is None and pace(s, 10.0, 0, 16) is None  # nothing to compare
+    assert slowdown([]) == 1.0 and slowdown([0.6, 0.9]) == 1.0  # a faster machine keeps it
+    assert slowdown([1.0, 2.0, 3.0]) == 2.0 and slowdown([9.0]) == MAX_SLOWDOWN
+    assert slowdown([5.0] * 8 + [1.0] * 8) == 1.0  # the recent trials: the load went away

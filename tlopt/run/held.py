@@ -72,6 +72,13 @@ class Held:
         stored = self.study(stage).user_attrs.get(ATTR + "config")
         return stored if isinstance(stored, dict) else None
 
+    def best_losses(self, stages: list[str]) -> dict[str, float]:
+        """The best validation loss of each of ``stages`` that holds a complete trial."""
+        best = {st: self.best(st) for st in stages}
+        return {
+            st: float(b.value) for st, b in best.items() if b is not None and b.value is not None
+        }
+
     def best(self, stage: str) -> FrozenTrial | None:
         """The stage's complete trial of the lowest validation loss (None: none yet)."""
         from optuna.trial import TrialState

@@ -26,6 +26,13 @@ FOLDER_DEFAULTS = {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "i
 # and dropout 0.2, and 0.0851 (148/153) with these (lr 3e-3, dropout 0.5); on 1,200 Fashion-MNIST
 # photos at 224 px 0.3077 against 0.3086 (README, Accuracy).
 FOLDER_HEAD = {"lr": [3e-4, 1e-3, 3e-3], "dropout": [0.2, 0.5]}
+# A folder run's median pruner judges each trial from its first epoch against the trials
+# completed, from the second trial on: Optuna's default waits for 5 complete trials and 3
+# epochs, and a budgeted fine-tuning stage on a CPU runs a few trials of 3-8 epochs, so nothing
+# was ever pruned (issue 28.2). Each epoch is a rung: a trial whose best validation loss so far
+# is above the median of the completed trials' at that epoch stops there, so a rate that undoes
+# the head costs one epoch, and the time goes to more points.
+FOLDER_PRUNER = {"type": "median", "n_startup_trials": 1, "n_warmup_steps": 1}
 EVERY = "*"  # in RunConfig.fixed: [search] epochs were set, so every stage's are
 
 
@@ -73,6 +80,7 @@ def build_config(out: Path, data: Path | None, config_file: Path | None, **flags
         folder = data.expanduser().resolve()
         raw = {"name": folder.name or "study", "data": {"source": "folder", "path": str(folder)}}
         raw["stages"] = {"head": dict(FOLDER_HEAD)}
+        raw["pruner"] = dict(FOLDER_PRUNER)
         flags = {k: FOLDER_DEFAULTS.get(k) if v is None else v for k, v in flags.items()}
         written = {"stages": raw["stages"]}
     where = {"backbone": "model", "weights": "model", "image_size": "data", "epochs": "search"}

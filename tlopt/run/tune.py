@@ -102,6 +102,7 @@ class _Run:
         self.ran: dict[str, int] = {}
         self.exporting = False
         self._measured: dict[str, Any] = {}
+        self.paces: list[float] = []  # finished trials' seconds over the plan's (timebox.pace)
 
     def go(self) -> dict[str, Any]:
         from tlopt.tune.context import open_config_source
@@ -175,11 +176,16 @@ class _Run:
     # --- the plan ------------------------------------------------------------------------
 
     def _export_reserve(self) -> float:
+        """The export and report's seconds, as measured (or guessed) on the machine as the
+        plan found it, times how much slower this run's trials ran than the plan said."""
+        from tlopt.tune.timebox import slowdown
+
         assert self.clock is not None and self.plan is not None
-        return export_reserve(self.clock.record, self.plan)
+        return export_reserve(self.clock.record, self.plan) * slowdown(self.paces)
 
     def _say_plan(self, shares: list[Allotment]) -> None:
         from tlopt.tune.plan import table, warning
+        from tlopt.tune.timebox import rungs
         from tlopt.tune.timebox import table as time_table
 
         assert self.plan is not None and self.config is not None and self.clock is not None
@@ -189,7 +195,10 @@ class _Run:
             self.say(warn)
         if shares:
             budget, reserve = self.config.time_budget, self._export_reserve()
-            for line in time_table(shares, budget, self.clock.spent(), reserve):
+            p = self.config.pruner
+            for line in time_table(shares, budget, self.clock.spent(), reserve) + rungs(
+                shares, p.type, p.n_startup_trials, p.n_warmup_steps
+            ):
                 self.say(line)
 
     # --- the stages -----------------------------------------------------------------------
@@ -197,7 +206,7 @@ class _Run:
     def _run_stages(self, config: StudyConfig, shares: list[Allotment]) -> None:
         """Each stage in order; with a time budget each gets its share (what one leaves unspent
         goes to the next) and starts no trial whose longest epoch choice cannot end by then."""
-        from tlopt.tune.timebox import HOLDS, trial_seconds
+        from tlopt.tune.timebox import BETTER, HOLDS, trial_seconds, turns
         from tlopt.tune.worker import STOP
 
         assert self.held is not None and self.clock is not None and self.plan is not None
@@ -209,18 +218,23 @@ class _Run:
                 try:
                     run_stage(config, stage, held, self.place, say, on_trial_done=done)
                 finally:
-                    self.ran[stage] = held.finished(stage) - before
+                    self.ran[stage] = self.ran.get(stage, 0) + held.finished(stage) - before
                     clock.save()
                 if STOP.is_set():  # Ctrl-C or SIGTERM in the worker: the run stops here
                     raise KeyboardInterrupt
             return
         by_stage = {a.stage: a for a in shares}
-        stop = clock.end() - self._export_reserve()  # the stages' end: the export's reserve
         runs = {s for s in self.names if by_stage[s].trials or by_stage[s].why == HOLDS}
-        stages_began, planned, any_complete = time.monotonic(), 0.0, False
-        for stage in self.names:
+        stages_began, planned = time.monotonic(), 0.0
+        for turn, seconds in turns(shares):
+            planned += seconds
+            # The stages' end: the export's reserve, grown with the slowdown measured so far.
+            stop = clock.end() - self._export_reserve()
+            better = self._better(shares, seconds) if turn == BETTER else turn
+            if better is None:
+                continue
+            stage = better
             a, ours = by_stage[stage], self.plan.stages[self.names.index(stage)]
-            planned += a.seconds
             if stage not in runs:
                 say(f"stage {stage}: {a.why}")
                 continue
@@ -241,13 +255,13 @@ class _Run:
             cap = max(a.trials, held.remaining(config, stage))
             before = held.finished(stage)
             staged = replace(config, n_trials=max(1, cap + before))
-            box = Box(max(1.0, until - now - longest), time.time() + stop - now, a.trials)
+            expect = max(1, round(a.trials * seconds / a.seconds)) if a.seconds else a.trials
+            box = Box(max(1.0, until - now - longest), time.time() + stop - now, expect)
             try:
                 completed = run_stage(staged, stage, held, self.place, say, box, done)
             finally:
-                self.ran[stage] = held.finished(stage) - before
+                self.ran[stage] = self.ran.get(stage, 0) + held.finished(stage) - before
                 clock.save()
-            any_complete = any_complete or completed
             if STOP.is_set():  # Ctrl-C or SIGTERM, not the deadline: the run stops here
                 raise KeyboardInterrupt
             if not completed and stage == "head" and not held.best("head"):
@@ -255,13 +269,43 @@ class _Run:
         if not candidates(held, self.stages):
             raise TloptError("no stage completed a trial in its time: give a longer --time")
 
+    def _better(self, shares: list[Allotment], seconds: float) -> str | None:
+        """The fine-tuning stage with the lower best validation loss after the first turns:
+        the one that gets what they left (tlopt.tune.timebox.turns); None: none completed."""
+        assert self.held is not None
+        tuning = [a.stage for a in shares if a.stage != "head" and a.trials > 0]
+        best = self.held.best_losses(tuning)
+        if not best:
+            self.say("turns: no fine-tuning stage completed a trial in its first turn")
+            return None
+        stage = min(best, key=best.__getitem__)  # a tie: the earlier stage
+        losses = ", ".join(f"{st} {v:.4f}" for st, v in best.items())
+        self.say(
+            f"turns: {stage} has the lowest validation loss ({losses}): the remaining "
+            f"{seconds / 60:.1f} min of fine-tuning go to it"
+        )
+        return stage
+
     def _on_trial_done(self, *args: Any) -> None:
         """Each finished trial: its curves and note (for the dashboard), the time in run.json."""
         from tlopt.report.trial_artifacts import write_trial_artifacts
 
         write_trial_artifacts(*args)
+        self._note_pace(*args)
         if self.clock is not None:
             self.clock.save()
+
+    def _note_pace(self, trial: Any, ctx: Any, history: Any, params: Any) -> None:
+        """The trial's training seconds against the plan's (timebox.pace), for the reserve."""
+        from tlopt.tune.timebox import pace
+
+        stage = next((s for s in (self.plan.stages if self.plan else ()) if
+                      s.stage == ctx.stage.name), None)  # fmt: skip
+        seconds = trial.user_attrs.get("seconds")
+        if stage is not None and isinstance(seconds, (int, float)):
+            epochs = sum(r.epoch > 0 for r in history)
+            if (p := pace(stage, float(seconds), epochs, params.batch_size)) is not None:
+                self.paces.append(p)
 
     # --- the end --------------------------------------------------------------------------
 

@@ -19,6 +19,9 @@ The rule, per stage:
   measured epoch cost: enough for :data:`TRIALS_WANTED` trials of the longer choice, the
   shorter one half of it (a study file's or ``--epochs``' choices are kept), and as many
   trials as fit.
+* The fine-tuning stages compete for their time (:func:`turns`): each first runs
+  :data:`FIRST_SHARE` of its share (its first trials, judged by the pruner from epoch 1), then
+  what the stages left goes to the one whose best validation loss is lower.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ MIN_EPOCHS = 3  # shorter fine-tuning trials are mostly warm-up (one epoch by de
 TRIALS_LEAST = 2  # a fine-tuning stage runs only if this many of its shortest trials fit
 TRIAL_OVERHEAD_S = 2.0  # per trial: the model built, its records written
 REPORT_S = 15.0  # the report after the export
+# The export and report's reserve grows with the machine's measured slowdown, up to this: at
+# load 5 they took twice their reserve and a 75 s budget went 28 s over (issue 29.7).
+MAX_SLOWDOWN = 4.0
+FIRST_SHARE = 0.5  # of a competing fine-tuning stage's share: its first turn
+BETTER = ""  # in turns(): the second turn, for the fine-tuning stage that is better by then
 HOLDS = "holds its finished trials"  # the why of a stage with nothing left to run
 
 
@@ -58,6 +66,32 @@ def trial_seconds(s: StagePlan, epochs: tuple[int, ...]) -> float:
     """A trial's expected seconds at ``epochs`` (their mean), by the stage's measured costs."""
     per_epoch = sum(s.epoch_seconds.values()) / max(1, len(s.epoch_seconds))
     return TRIAL_OVERHEAD_S + s.trial_seconds + float(sum(epochs)) / len(epochs) * per_epoch
+
+
+def pace(s: StagePlan, seconds: float, epochs: int, batch_size: int) -> float | None:
+    """A finished trial's training seconds over what the plan measured for it (its epochs at
+    its batch size): above 1 when the machine runs slower than when the plan was measured
+    (another job started beside the run). None: the plan has no cost for it."""
+    per_epoch = s.epoch_seconds.get(batch_size)
+    planned = s.trial_seconds + epochs * per_epoch if per_epoch is not None else 0.0
+    return seconds / planned if planned > 0 and epochs > 0 else None
+
+
+def slowdown(paces: list[float], recent: int = 8) -> float:
+    """How much slower the machine runs than the plan measured: the median of the last
+    ``recent`` trials' paces, at least 1 (a faster machine keeps the reserve it has) and at
+    most :data:`MAX_SLOWDOWN`.
+
+    Example:
+        >>> slowdown([]), slowdown([0.5, 0.8]), slowdown([1.1, 2.0, 2.4])
+        (1.0, 1.0, 2.0)
+    """
+    last = sorted(paces[-recent:])
+    if not last:
+        return 1.0
+    mid = len(last) // 2
+    median = last[mid] if len(last) % 2 else (last[mid - 1] + last[mid]) / 2
+    return min(MAX_SLOWDOWN, max(1.0, median))
 
 
 def export_seconds(plan: Plan) -> float:
@@ -160,6 +194,46 @@ def _fine_tune(s: StagePlan, seconds: float, cap: int, fixed: bool) -> Allotment
         return Allotment(s.stage, 0, epochs, 0.0, _short(s, seconds, s.setup_seconds + per))
     why = "" if n >= min(cap, TRIALS_WANTED) else f"{n} trial(s) fit in {seconds / 60:.1f} min"
     return Allotment(s.stage, n, epochs, s.setup_seconds + n * per, why)
+
+
+def turns(allotted: list[Allotment]) -> list[tuple[str, float]]:
+    """The stages' turns in order, (stage, seconds): each stage its share, but when two or
+    more fine-tuning stages run, each first gets :data:`FIRST_SHARE` of its share and a last
+    turn (stage :data:`BETTER`) takes what they left, for the better one (issue 28.2: stages
+    competing for the fine-tuning time rather than equal shares).
+
+    Example:
+        >>> turns([Allotment("head", 9, (10,), 60.0), Allotment("freeze1", 3, (3,), 100.0),
+        ...        Allotment("freeze2", 2, (3,), 80.0)])
+        [('head', 60.0), ('freeze1', 50.0), ('freeze2', 40.0), ('', 90.0)]
+    """
+    tuning = [a for a in allotted if a.stage != "head" and a.trials > 0]
+    if len(tuning) < 2:
+        return [(a.stage, a.seconds) for a in allotted]
+    first = [(a.stage, a.seconds * FIRST_SHARE if a in tuning else a.seconds) for a in allotted]
+    return [*first, (BETTER, sum(a.seconds * (1 - FIRST_SHARE) for a in tuning))]
+
+
+def rungs(allotted: list[Allotment], pruner: str, startup: int, warmup: int) -> list[str]:
+    """How the fine-tuning time is spent, as lines for the plan: where the pruner judges
+    (each epoch is a rung) and how the stages compete (:func:`turns`)."""
+    tuning = [a.stage for a in allotted if a.stage != "head" and a.trials > 0]
+    if not tuning:
+        return []
+    lines = []
+    if pruner in ("median", "percentile"):
+        lines.append(
+            f"  rungs: the {pruner} pruner judges each trial at every epoch from epoch "
+            f"{max(1, warmup)} against the completed trials (once {max(1, startup)} completed)"
+        )
+    else:
+        lines.append(f"  rungs: as the {pruner} pruner sets them")
+    if len(tuning) > 1:
+        lines.append(
+            f"  turns: {', '.join(tuning)} first run {FIRST_SHARE:.0%} of their share each; "
+            "the rest goes to the one with the lower validation loss"
+        )
+    return lines
 
 
 def _short(s: StagePlan, seconds: float, cost: float) -> str:
