@@ -241,7 +241,7 @@ def test_a_folder_runs_head_searches_its_rate_and_dropout_and_fine_tuning_keeps_
     head, freeze1 = config.space_for("head"), config.space_for("freeze1")
     assert (head.lr, head.dropout) == ((3e-4, 1e-3, 3e-3), (0.2, 0.5))
     assert freeze1.dropout == config.search.dropout == (0.2,)
-    assert freeze1.lr == (1e-5, 3e-5, 1e-4)  # a hundredth .. a tenth of [search]'s 1e-3
+    assert freeze1.lr == (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)  # a hundredth .. the whole of 1e-3
     run.mkdir()
     write_study_file(config, run / "study.toml")
     assert "[stages.head]" in (run / "study.toml").read_text()
