@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from tlopt.train.data import ImageSet
+from tlopt.train.inputs import inference_batch
 
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: ImageSet, batch_size: int = 128
+    model: nn.Module, images: ImageSet, batch_size: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Descriptors (N, D) float32 and logits (N, K) of every image, in eval mode.
 
@@ -24,6 +25,7 @@ def predict(
     model.eval()
     feats, logits = [], []
     n = len(images)
+    batch_size = batch_size or inference_batch(images.images.device)
     for start in range(0, n, batch_size):
         index = torch.arange(start, min(start + batch_size, n), device=images.images.device)
         x = images.batch(index)

@@ -22,7 +22,7 @@ from tlopt.names import OPTIMIZERS
 from tlopt.schedules import layer_scales
 from tlopt.train.data import ImageSet
 from tlopt.train.feature_cache import DEFAULT_BYTES, FeatureCache
-from tlopt.train.inputs import Inputs, autocast, compiled
+from tlopt.train.inputs import Inputs, autocast, compiled, inference_batch
 from tlopt.train.ledger import EpochRecord, FitResult, Ledger, TrainParams, check_stop
 
 log = logging.getLogger("tlopt.worker")
@@ -109,11 +109,12 @@ def _mutable_keys(model: nn.Module) -> list[str]:
 
 
 def evaluate(
-    split: SplitModel, inputs: Inputs, labels: torch.Tensor, batch_size: int = 256
+    split: SplitModel, inputs: Inputs, labels: torch.Tensor, batch_size: int | None = None
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over a whole split (one read from the device)."""
     set_train_mode(split.model, False)
     n = int(labels.shape[0])
+    batch_size = batch_size or inference_batch(labels.device)
     total = torch.zeros(2, device=labels.device, dtype=torch.float64)  # loss sum, correct
     with torch.no_grad():
         for start in range(0, n, batch_size):
