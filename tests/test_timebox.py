@@ -275,6 +275,10 @@ def test_competing_fine_tuning_stages_take_half_their_share_then_the_rest_goes_t
     lines = rungs(shares, "median", 1, 1)
     assert "every epoch from epoch 1" in lines[0] and "freeze1, freeze3 first run 50%" in lines[1]
     assert rungs(one, "hyperband", 5, 3) == ["  rungs: as the hyperband pruner sets them"]
+    # A stage of one trial (the demo's one-point stages) runs it whole: half would not fit it.
+    single = [Allotment("freeze1", 1, (20,), 120.0), Allotment("freeze2", 3, (3,), 110.0)]
+    assert turns(single) == [("freeze1", 120.0), ("freeze2", 110.0)]
+    assert not any("turns" in line for line in rungs(single, "median", 1, 1))
 
 
 def test_the_second_turn_goes_to_the_stage_with_the_lower_validation_loss(tmp_path: Path) -> None:

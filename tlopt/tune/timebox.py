@@ -198,20 +198,31 @@ def _fine_tune(s: StagePlan, seconds: float, cap: int, fixed: bool) -> Allotment
 
 def turns(allotted: list[Allotment]) -> list[tuple[str, float]]:
     """The stages' turns in order, (stage, seconds): each stage its share, but when two or
-    more fine-tuning stages run, each first gets :data:`FIRST_SHARE` of its share and a last
-    turn (stage :data:`BETTER`) takes what they left, for the better one (issue 28.2: stages
-    competing for the fine-tuning time rather than equal shares).
+    more fine-tuning stages run with two trials or more each (:func:`_competing`), each first
+    gets :data:`FIRST_SHARE` of its share and a last turn (stage :data:`BETTER`) takes what
+    they left, for the better one (issue 28.2: stages competing for the fine-tuning time
+    rather than equal shares).
 
     Example:
         >>> turns([Allotment("head", 9, (10,), 60.0), Allotment("freeze1", 3, (3,), 100.0),
         ...        Allotment("freeze2", 2, (3,), 80.0)])
         [('head', 60.0), ('freeze1', 50.0), ('freeze2', 40.0), ('', 90.0)]
+        >>> turns([Allotment("freeze1", 1, (20,), 120.0), Allotment("freeze2", 1, (20,), 110.0)])
+        [('freeze1', 120.0), ('freeze2', 110.0)]
     """
-    tuning = [a for a in allotted if a.stage != "head" and a.trials > 0]
-    if len(tuning) < 2:
+    tuning = _competing(allotted)
+    if not tuning:
         return [(a.stage, a.seconds) for a in allotted]
     first = [(a.stage, a.seconds * FIRST_SHARE if a in tuning else a.seconds) for a in allotted]
     return [*first, (BETTER, sum(a.seconds * (1 - FIRST_SHARE) for a in tuning))]
+
+
+def _competing(allotted: list[Allotment]) -> list[Allotment]:
+    """The fine-tuning stages that take turns: two or more that run, each with two trials or
+    more; none when a stage holds one (half its share would not fit its trial: the demo's
+    one-point stages at ``--time 5m`` ran freeze1 alone and left freeze2 out)."""
+    tuning = [a for a in allotted if a.stage != "head" and a.trials > 0]
+    return tuning if len(tuning) > 1 and all(a.trials > 1 for a in tuning) else []
 
 
 def rungs(allotted: list[Allotment], pruner: str, startup: int, warmup: int) -> list[str]:
@@ -228,9 +239,9 @@ def rungs(allotted: list[Allotment], pruner: str, startup: int, warmup: int) -> 
         )
     else:
         lines.append(f"  rungs: as the {pruner} pruner sets them")
-    if len(tuning) > 1:
+    if competing := [a.stage for a in _competing(allotted)]:
         lines.append(
-            f"  turns: {', '.join(tuning)} first run {FIRST_SHARE:.0%} of their share each; "
+            f"  turns: {', '.join(competing)} first run {FIRST_SHARE:.0%} of their share each; "
             "the rest goes to the one with the lower validation loss"
         )
     return lines
