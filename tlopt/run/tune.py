@@ -272,9 +272,10 @@ class _Run:
     def _better(self, shares: list[Allotment], seconds: float) -> str | None:
         """The fine-tuning stage with the lower best validation loss after the first turns:
         the one that gets what they left (tlopt.tune.timebox.turns); None: none completed."""
+        from tlopt.tune.timebox import competing
+
         assert self.held is not None
-        tuning = [a.stage for a in shares if a.stage != "head" and a.trials > 0]
-        best = self.held.best_losses(tuning)
+        best = self.held.best_losses([a.stage for a in competing(shares)])
         if not best:
             self.say("turns: no fine-tuning stage completed a trial in its first turn")
             return None

@@ -27,6 +27,7 @@ The rule, per stage:
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -86,12 +87,8 @@ def slowdown(paces: list[float], recent: int = 8) -> float:
         >>> slowdown([]), slowdown([0.5, 0.8]), slowdown([1.1, 2.0, 2.4])
         (1.0, 1.0, 2.0)
     """
-    last = sorted(paces[-recent:])
-    if not last:
-        return 1.0
-    mid = len(last) // 2
-    median = last[mid] if len(last) % 2 else (last[mid - 1] + last[mid]) / 2
-    return min(MAX_SLOWDOWN, max(1.0, median))
+    last = paces[-recent:]
+    return min(MAX_SLOWDOWN, max(1.0, statistics.median(last))) if last else 1.0
 
 
 def export_seconds(plan: Plan) -> float:
@@ -198,7 +195,7 @@ def _fine_tune(s: StagePlan, seconds: float, cap: int, fixed: bool) -> Allotment
 
 def turns(allotted: list[Allotment]) -> list[tuple[str, float]]:
     """The stages' turns in order, (stage, seconds): each stage its share, but when two or
-    more fine-tuning stages run with two trials or more each (:func:`_competing`), each first
+    more fine-tuning stages run with two trials or more each (:func:`competing`), each first
     gets :data:`FIRST_SHARE` of its share and a last turn (stage :data:`BETTER`) takes what
     they left, for the better one (issue 28.2: stages competing for the fine-tuning time
     rather than equal shares).
@@ -210,26 +207,30 @@ def turns(allotted: list[Allotment]) -> list[tuple[str, float]]:
         >>> turns([Allotment("freeze1", 1, (20,), 120.0), Allotment("freeze2", 1, (20,), 110.0)])
         [('freeze1', 120.0), ('freeze2', 110.0)]
     """
-    tuning = _competing(allotted)
+    tuning = competing(allotted)
     if not tuning:
         return [(a.stage, a.seconds) for a in allotted]
     first = [(a.stage, a.seconds * FIRST_SHARE if a in tuning else a.seconds) for a in allotted]
     return [*first, (BETTER, sum(a.seconds * (1 - FIRST_SHARE) for a in tuning))]
 
 
-def _competing(allotted: list[Allotment]) -> list[Allotment]:
+def competing(allotted: list[Allotment]) -> list[Allotment]:
     """The fine-tuning stages that take turns: two or more that run, each with two trials or
     more; none when a stage holds one (half its share would not fit its trial: the demo's
     one-point stages at ``--time 5m`` ran freeze1 alone and left freeze2 out)."""
-    tuning = [a for a in allotted if a.stage != "head" and a.trials > 0]
+    tuning = _tuning(allotted)
     return tuning if len(tuning) > 1 and all(a.trials > 1 for a in tuning) else []
+
+
+def _tuning(allotted: list[Allotment]) -> list[Allotment]:
+    """The fine-tuning stages that run trials."""
+    return [a for a in allotted if a.stage != "head" and a.trials > 0]
 
 
 def rungs(allotted: list[Allotment], pruner: str, startup: int, warmup: int) -> list[str]:
     """How the fine-tuning time is spent, as lines for the plan: where the pruner judges
     (each epoch is a rung) and how the stages compete (:func:`turns`)."""
-    tuning = [a.stage for a in allotted if a.stage != "head" and a.trials > 0]
-    if not tuning:
+    if not _tuning(allotted):
         return []
     lines = []
     if pruner in ("median", "percentile"):
@@ -239,9 +240,9 @@ def rungs(allotted: list[Allotment], pruner: str, startup: int, warmup: int) -> 
         )
     else:
         lines.append(f"  rungs: as the {pruner} pruner sets them")
-    if competing := [a.stage for a in _competing(allotted)]:
+    if stages := [a.stage for a in competing(allotted)]:
         lines.append(
-            f"  turns: {', '.join(competing)} first run {FIRST_SHARE:.0%} of their share each; "
+            f"  turns: {', '.join(stages)} first run {FIRST_SHARE:.0%} of their share each; "
             "the rest goes to the one with the lower validation loss"
         )
     return lines
