@@ -274,11 +274,26 @@ def test_competing_fine_tuning_stages_take_half_their_share_then_the_rest_goes_t
     assert turns(one) == [("head", 60.0), ("freeze1", 100.0)]  # nothing to compete with
     lines = rungs(shares, "median", 1, 1)
     assert "every epoch from epoch 1" in lines[0] and "freeze1, freeze3 first run 50%" in lines[1]
-    assert rungs(one, "hyperband", 5, 3) == ["  rungs: as the hyperband pruner sets them"]
+    assert "whose best trial first continues" in lines[1] and "continuations" in lines[2]
+    assert rungs(one, "hyperband", 5, 3)[0] == "  rungs: as the hyperband pruner sets them"
     # A stage of one trial (the demo's one-point stages) runs it whole: half would not fit it.
     single = [Allotment("freeze1", 1, (20,), 120.0), Allotment("freeze2", 3, (3,), 110.0)]
     assert turns(single) == [("freeze1", 120.0), ("freeze2", 110.0)]
     assert not any("turns" in line for line in rungs(single, "median", 1, 1))
+
+
+def test_a_continuation_takes_the_epochs_that_fit_at_its_batch_size() -> None:
+    from tlopt.tune.plan import StagePlan
+    from tlopt.tune.timebox import TRIAL_OVERHEAD_S, epochs_that_fit
+
+    s = StagePlan("freeze1", 3, (3, 6), {8: 10.0, 16: 20.0}, 5.0, trial_seconds=4.0)
+    room = TRIAL_OVERHEAD_S + 4.0
+    assert epochs_that_fit(s, 16, 6, room + 45.0) == 2  # 20 s an epoch at 16
+    assert epochs_that_fit(s, 8, 6, room + 45.0) == 4
+    assert epochs_that_fit(s, 8, 3, room + 45.0) == 3  # never more than its parent's
+    assert epochs_that_fit(s, 32, 6, room + 45.0) == 3  # unmeasured: the mean, 15 s
+    assert epochs_that_fit(s, 8, 6, room + 45.0, slower=2.0) == 2  # 8 s to start, 20 s an epoch
+    assert epochs_that_fit(s, 16, 6, room + 5.0) == 0
 
 
 def test_the_second_turn_goes_to_the_stage_with_the_lower_validation_loss(tmp_path: Path) -> None:

@@ -47,8 +47,9 @@ from tlopt.train.data import ImageSet
 from tlopt.train.descriptors import predict
 from tlopt.train.ledger import EpochRecord, FitResult
 from tlopt.train.metrics import classification_metrics
+from tlopt.tune import continuation
 from tlopt.tune.context import StudyContext
-from tlopt.tune.objective import WEIGHTS
+from tlopt.tune.continuation import WEIGHTS
 from tlopt.tune.runner import TrialRun, log_epoch, train_setup
 from tlopt.tune.space import TrialSetup, suggest
 from tlopt.tune.study import best_trial, load
@@ -108,6 +109,7 @@ def export_best(
     ctx = StudyContext.open(study, device, progress=True, head=head)
     replay = optuna.trial.FixedTrial(best.params, best.number)
     setup = suggest(replay, ctx.space, ctx.stage.name)
+    grows = continuation.of(best)  # a continuation retrains from its parent's kept weights
 
     shown = bar(total=setup.params.epochs, desc=f"export-best trial {best.number}", unit="epoch")
 
@@ -119,8 +121,12 @@ def export_best(
 
     run = None if retrain else _kept(best, ctx, setup)
     if run is None:
+        start = None
+        if grows is not None:
+            setup, start = continuation.start(grows, ctx, setup)
+            shown.total = setup.params.epochs
         with shown:
-            run = train_setup(setup, ctx, on_epoch)
+            run = train_setup(setup, ctx, on_epoch, start_state=start)
     else:
         shown.close()
     params, dropout, result, model = run.params, run.dropout, run.result, run.model

@@ -52,12 +52,15 @@ class Held:
         return optuna.load_study(study_name=self.study_name(stage), storage=self.storage)
 
     def finished(self, stage: str) -> int:
-        """Finished (complete + pruned) trials of the stage; 0 without its study."""
+        """Finished (complete + pruned) trials of the stage that count towards its budget
+        (continuations do not: tlopt.tune.continuation); 0 without its study."""
+        from tlopt.tune.continuation import is_continuation
         from tlopt.tune.study import FINISHED
 
         if not self.has(stage):
             return 0
-        return len(self.study(stage).get_trials(deepcopy=False, states=FINISHED))
+        done = self.study(stage).get_trials(deepcopy=False, states=FINISHED)
+        return sum(not is_continuation(t) for t in done)
 
     def remaining(self, config: StudyConfig, stage: str) -> int:
         """The stage's trials still to run: its budget less its finished trials."""

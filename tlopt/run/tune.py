@@ -37,6 +37,8 @@ from tlopt.tune.timebox import Allotment
 if TYPE_CHECKING:
     from tlopt.tune.plan import Plan
 
+MAX_CONTINUATIONS = 3  # after the stages: at most this many in a row, each beating the last
+
 
 @contextlib.contextmanager
 def _sigterm_is_ctrl_c() -> Iterator[None]:
@@ -229,7 +231,7 @@ class _Run:
         for turn, seconds in turns(shares):
             planned += seconds
             # The stages' end: the export's reserve, grown with the slowdown measured so far.
-            stop = clock.end() - self._export_reserve()
+            stop = self._stop()
             better = self._better(shares, seconds) if turn == BETTER else turn
             if better is None:
                 continue
@@ -238,6 +240,8 @@ class _Run:
             if stage not in runs:
                 say(f"stage {stage}: {a.why}")
                 continue
+            if turn == BETTER:  # the better stage's best point first gets more epochs
+                self._continue(stage, min(stages_began + planned, stop))
             now = time.monotonic()
             # Each stage ends at its planned end, the last one too: run to the export's reserve,
             # the last stage of a 75 s budget went 28 s (37%) over on a machine at load 5, where
@@ -268,6 +272,59 @@ class _Run:
                 raise TloptError("no head trial completed in its time: give a longer --time")
         if not candidates(held, self.stages):
             raise TloptError("no stage completed a trial in its time: give a longer --time")
+        # What the stages left before the export's reserve: more epochs for the best point,
+        # again while each continuation beats the one before.
+        for _ in range(MAX_CONTINUATIONS):
+            tuning = [a.stage for a in shares if a.stage != "head" and a.stage in runs]
+            best = held.best_losses(tuning)
+            if not best or not self._continue(min(best, key=best.__getitem__), self._stop()):
+                break
+
+    def _stop(self) -> float:
+        """When the stages end: the budget's end less the export's reserve (monotonic)."""
+        assert self.clock is not None
+        return self.clock.end() - self._export_reserve()
+
+    def _continue(self, stage: str, until: float) -> bool:
+        """Continue the stage's best trial from its kept weights for its epochs, or as many as
+        end before ``until`` (tlopt.tune.continuation); True when the new trial beat it."""
+        from tlopt.tune import continuation
+        from tlopt.tune.timebox import epochs_that_fit, slowdown
+        from tlopt.tune.worker import STOP, work
+
+        assert self.held is not None and self.plan is not None
+        held, say = self.held, self.say
+        parent = held.best(stage)
+        if parent is None or not continuation.can_continue(parent) or stage not in self.names:
+            return False
+        ours = self.plan.stages[self.names.index(stage)]
+        most = int(parent.params.get("epochs") or parent.user_attrs.get("epochs_run") or 0)
+        batch = int(parent.params.get("batch_size") or 0)
+        now = time.monotonic()
+        epochs = epochs_that_fit(ours, batch, most, until - now, slowdown(self.paces))
+        if epochs < 1:
+            return False
+        c = continuation.enqueue(held.study(stage), parent, epochs)
+        say(
+            f"stage {stage}: trial {parent.number} (val loss {parent.value:.4f}) continues for "
+            f"{epochs} more epochs from its best epoch ({c.after} trained)"
+        )
+        # One worker here runs it (the budget is reached for new points), up to ``until``.
+        work(held.study_name(stage), held.url, max(1, held.finished(stage)), 60.0,
+             self.place.device, threads=self.place.threads, on_trial_done=self._on_trial_done,
+             deadline=time.time() + until - now)  # fmt: skip
+        if self.clock is not None:
+            self.clock.save()
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        best = held.best(stage)
+        grew = best is not None and best.number != parent.number
+        if best is not None:
+            say(
+                f"stage {stage}: best val_loss {best.value:.4f}"
+                + (f" (trial {best.number}, the continuation)" if grew else " (unchanged)")
+            )
+        return grew
 
     def _better(self, shares: list[Allotment], seconds: float) -> str | None:
         """The fine-tuning stage with the lower best validation loss after the first turns:

@@ -17,6 +17,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from tlopt.names import ATTR
+from tlopt.tune import continuation
 from tlopt.tune.resilience import BEAT, beat_once, fail_stale_trials, retrying
 from tlopt.tune.sampling import TAKEN_STATES, point
 from tlopt.tune.storage import budget_lock, has_budget_lock
@@ -42,11 +43,14 @@ def next_trials(
     with budget_lock(storage, study_name):
         fail_stale_trials(study, storage)  # a dead worker's trial is failed and re-queued here
         finished, running = count_trials(study)
-        if finished >= budget:
+        room = budget - finished - running
+        if continuation.waiting(study):  # more epochs for a point that ran: past the budget
+            room = max(room, 1)
+        elif finished >= budget:
             return [], True
         taken = {point(t.params) for t in study.get_trials(deepcopy=False, states=TAKEN_STATES)}
         trials = []
-        for _ in range(min(k, budget - finished - running)):
+        for _ in range(min(k, room)):
             trial = study.ask()
             beat_once(storage, trial._trial_id, interval)
             trials.append(propose(trial, taken) if propose else trial)
@@ -59,8 +63,9 @@ def next_trials(
 
 
 def count_trials(study: optuna.Study, before: int | None = None) -> tuple[int, int]:
-    """(finished trials, running trials numbered below ``before``, or all running)."""
-    trials = study.get_trials(deepcopy=False)
+    """(finished trials, running trials numbered below ``before``, or all running), of those
+    that count towards the budget: continuations do not (tlopt.tune.continuation)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not continuation.is_continuation(t)]
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     running = sum(
         t.state == TrialState.RUNNING and (before is None or t.number < before) for t in trials
@@ -85,7 +90,7 @@ def over_budget(
     enqueued point) is queued again with its parameters, its checkpoint and its retry history.
     """
     finished, ahead = count_trials(study, before=trial.number)
-    if finished + ahead < budget:
+    if finished + ahead < budget or continuation.of(trial) is not None:
         return False
     frozen = storage.get_trial(trial._trial_id)
     trial.set_user_attr(ATTR + "error", "over budget: another worker took the last trial")

@@ -187,7 +187,7 @@ class StudyContext:
         head_state = None
         head = (head or attrs.get(HEAD)) if stage.from_head else None
         if head:
-            head_state = _download_state(artifacts, head["artifact_id"])
+            head_state = download_state(artifacts, head["artifact_id"])
             if "cut" in head.get("params", {}):  # the head fits only the cut it was trained at
                 space = replace(space, cut=(int(head["params"]["cut"]),))
         mean, std = normalization(create_backbone(config.model.backbone, "none", len(classes)))
@@ -244,7 +244,7 @@ class StudyContext:
         return model
 
 
-def _download_state(artifacts: Any, artifact_id: str) -> dict[str, torch.Tensor]:
+def download_state(artifacts: Any, artifact_id: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,42 +19,50 @@ from safetensors.torch import save_file
 from tlopt.models.backbones import classifier_name
 from tlopt.names import ATTR, HEAD
 from tlopt.train.ledger import EpochRecord, FitResult, NonFiniteLoss, TrainParams
+from tlopt.tune import continuation
 from tlopt.tune.checkpoints import drop_checkpoint, load_checkpoint, save_checkpoint
 from tlopt.tune.context import StudyContext
+from tlopt.tune.continuation import WEIGHTS
 from tlopt.tune.resilience import retrying
 from tlopt.tune.runner import can_batch_heads, fit_head_trials, log_epoch, train_setup
 from tlopt.tune.space import suggest
 
 log = logging.getLogger("tlopt.worker")
-WEIGHTS = ATTR + "weights"  # a trial's trained weights, kept when it was the study's best
 
 
 def objective(trial: optuna.Trial, ctx: StudyContext) -> float:
     """Train one trial and return its best validation loss.
 
     Fine-tuning trials save a checkpoint artifact after every epoch; a trial re-queued after
-    its worker died inherits the attribute and resumes from that epoch.
+    its worker died inherits the attribute and resumes from that epoch. A continuation
+    (tlopt.tune.continuation) starts from the weights its parent kept.
     """
     began = time.perf_counter()
     checkpoints = ctx.stage.name != "head" and ctx.config.storage.checkpoint
     resume = load_checkpoint(trial, ctx) if checkpoints else None
     history = [EpochRecord(**r) for r in resume["history"]] if resume else []
+    grows = continuation.of(trial)
     if history:
         log.info("trial %d resumes after epoch %d", trial.number, history[-1].epoch)
-    elif ctx.head is not None:  # a resumed trial keeps the head its checkpoint grew from
+    elif ctx.head is not None and grows is None:  # a resumed trial keeps its checkpoint's head
         retrying("recording the head", lambda: trial.set_user_attr(HEAD, ctx.head))
     setup = suggest(trial, ctx.space, ctx.stage.name)
-    epochs = setup.params.epochs
+    start = None
+    if grows is not None:
+        setup, start = continuation.start(grows, ctx, setup)
+        log.info("trial %d continues trial %d for %d epochs", trial.number, grows.trial,
+                 grows.epochs)  # fmt: skip
+    epochs, after = setup.params.epochs, grows.after if grows else 0
 
     def on_epoch(record: EpochRecord, checkpoint: Callable[[], dict[str, Any]]) -> None:
         history.append(record)
-        report(trial, ctx.config.pruner.type, record, epochs, history)
+        report(trial, ctx.config.pruner.type, record, epochs, history, after)
         if checkpoints and 0 < record.epoch < epochs:
             state = checkpoint()
             retrying("saving a checkpoint", lambda: save_checkpoint(trial, ctx, state))
 
     try:
-        run = train_setup(setup, ctx, on_epoch, resume)
+        run = train_setup(setup, ctx, on_epoch, resume, start)
     except NonFiniteLoss as exc:
         drop_checkpoint(trial, ctx)
         raise _pruned_by(trial, history, exc) from None
@@ -181,8 +189,10 @@ def report(
     record: EpochRecord,
     epochs: int,
     history: list[EpochRecord],
+    after: int = 0,
 ) -> None:
     """Log the epoch, report it to the pruner; raise TrialPruned (history saved) if pruned.
+    ``after``: the epochs a continuation's start had trained (its epoch k is step after + k).
 
     Epoch 0 (a fine-tuning trial's inherited head, evaluated before any step) stays in the
     history but is not reported: it is the same value for every trial, and the median pruner
@@ -192,7 +202,8 @@ def report(
     log_epoch(trial, record, epochs)
     if record.epoch == 0:
         return
-    retrying("reporting an epoch", lambda: trial.report(record.val_loss, record.epoch))
+    step = after + record.epoch
+    retrying("reporting an epoch", lambda: trial.report(record.val_loss, step))
     if retrying("asking the pruner", trial.should_prune):
         _set_history(trial, history)
         reason = f"{pruner} pruner at epoch {record.epoch}"

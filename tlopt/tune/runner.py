@@ -69,9 +69,11 @@ def train_setup(
     ctx: StudyContext,
     on_epoch: OnEpoch | None = None,
     resume: dict[str, Any] | None = None,
+    start_state: dict[str, torch.Tensor] | None = None,
 ) -> TrialRun:
-    """:func:`run_trial` for a setting already suggested."""
-    if can_batch_heads(ctx):
+    """:func:`run_trial` for a setting already suggested; ``start_state``: weights to start
+    from instead of the head (a continuation's, tlopt.tune.continuation)."""
+    if can_batch_heads(ctx) and start_state is None:
 
         def head_epoch(_: int, record: EpochRecord) -> None:
             if on_epoch is not None:
@@ -87,9 +89,12 @@ def train_setup(
     # Where a fine-tuning trial starts (the head, evaluated before any step) is the same for
     # every trial of the context at a cut: validated once, then recorded from memory.
     start: bool | tuple[float, float] = ctx.starts.get(setup.cut, ctx.stage.from_head)
+    if start_state is not None:  # its own start: evaluated, and not the context's
+        model.load_state_dict(start_state, strict=False)
+        start = True
 
     def noted(record: EpochRecord, checkpoint: Callable[[], dict[str, Any]]) -> None:
-        if record.epoch == 0:
+        if record.epoch == 0 and start_state is None:
             ctx.starts[setup.cut] = (record.val_loss, record.val_accuracy)
         if on_epoch is not None:
             on_epoch(record, checkpoint)

@@ -69,6 +69,19 @@ def trial_seconds(s: StagePlan, epochs: tuple[int, ...]) -> float:
     return TRIAL_OVERHEAD_S + s.trial_seconds + float(sum(epochs)) / len(epochs) * per_epoch
 
 
+def epochs_that_fit(
+    s: StagePlan, batch_size: int, most: int, seconds: float, slower: float = 1.0
+) -> int:
+    """How many epochs (at most ``most``) of a trial at ``batch_size`` end within ``seconds``,
+    by the stage's measured costs ``slower`` times over (a continuation's length)."""
+    costs = list(s.epoch_seconds.values())
+    per_epoch = s.epoch_seconds.get(batch_size, sum(costs) / max(1, len(costs))) * slower
+    room = seconds - TRIAL_OVERHEAD_S - s.trial_seconds * slower
+    if per_epoch <= 0:
+        return most if room > 0 else 0
+    return max(0, min(most, int(room // per_epoch)))
+
+
 def pace(s: StagePlan, seconds: float, epochs: int, batch_size: int) -> float | None:
     """A finished trial's training seconds over what the plan measured for it (its epochs at
     its batch size): above 1 when the machine runs slower than when the plan was measured
@@ -243,8 +256,13 @@ def rungs(allotted: list[Allotment], pruner: str, startup: int, warmup: int) -> 
     if stages := [a.stage for a in competing(allotted)]:
         lines.append(
             f"  turns: {', '.join(stages)} first run {FIRST_SHARE:.0%} of their share each; "
-            "the rest goes to the one with the lower validation loss"
+            "the rest goes to the one with the lower validation loss, whose best trial first "
+            "continues from its kept weights for as many epochs again"
         )
+    lines.append(
+        "  continuations: time the stages leave before the export continues the best "
+        "fine-tuning trial, again while each continuation beats the last"
+    )
     return lines
 
 

@@ -1,0 +1,65 @@
+"""A continuation: a fine-tuning trial trained more epochs from the weights its parent kept.
+
+A tiny timm model (random weights) on the built-in digits at 16 px, in one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_DATA_MODEL
+from tlopt.config import load_config
+from tlopt.tune import continuation
+from tlopt.tune import study as studies
+from tlopt.tune.budget import count_trials
+from tlopt.tune.worker import work
+
+
+@pytest.fixture
+def freeze1(tmp_path: Path) -> str:
+    """A head trial and one freeze1 trial of 2 epochs, whose space (one point) is used up."""
+    path = tmp_path / "c.toml"
+    path.write_text('name = "c"\nseed = 0\nn_trials = 1\n' + TINY_DATA_MODEL
+                    + '[search]\nepochs = [2]\nbatch_size = [16]\nlr = [1e-3]\n')  # fmt: skip
+    url, config = f"sqlite:///{tmp_path / 'c.db'}", load_config(path)
+    studies.create(config, "head", url)
+    work("c/head", url, device="cpu")
+    studies.create(config, "freeze1", url)
+    work("c/freeze1", url, device="cpu")
+    return url
+
+
+def test_a_continuation_starts_from_its_parents_best_epoch_and_runs_past_the_budget(
+    freeze1: str, tmp_path: Path
+) -> None:
+    from tlopt.export.bundle import export_best
+
+    url = freeze1
+    study = studies.load("c/freeze1", url)
+    (parent,) = study.trials
+    assert continuation.can_continue(parent)  # the study's best kept its weights
+    work("c/freeze1", url, device="cpu")  # the budget is reached: nothing runs
+    assert len(studies.load("c/freeze1", url).trials) == 1
+
+    c = continuation.enqueue(study, parent, 3)
+    assert c.after == parent.user_attrs["best_epoch"] and c.weights
+    work("c/freeze1", url, device="cpu")  # a queued continuation runs past the budget
+    trials = studies.load("c/freeze1", url).trials
+    assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
+    child = trials[1]
+    assert continuation.of(child) == c and child.params == parent.params
+    history = child.user_attrs["history"]
+    # Its epoch 0 is the parent's kept model, evaluated: the parent's best validation loss.
+    assert history[0]["epoch"] == 0
+    assert history[0]["val_loss"] == pytest.approx(parent.value, rel=1e-4)
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3]
+    assert child.user_attrs["tlopt.train_params"]["epochs"] == 3
+    # The pruner hears its epochs after the ones its start had trained.
+    assert sorted(child.intermediate_values) == [c.after + 1, c.after + 2, c.after + 3]
+    assert count_trials(studies.load("c/freeze1", url)) == (1, 0)  # epochs, not a point
+
+    # export-best retrains a continuation from the same kept weights: the same model.
+    out = export_best("c/freeze1", tmp_path / "export", url, "cpu", retrain=True, trial=child)
+    assert out["weights_from"] == "retrained"
+    assert out["retrained_value"] == pytest.approx(child.value, rel=1e-3)
