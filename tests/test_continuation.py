@@ -58,8 +58,48 @@ def test_a_continuation_starts_from_its_parents_best_epoch_and_runs_past_the_bud
     # The pruner hears its epochs after the ones its start had trained.
     assert sorted(child.intermediate_values) == [c.after + 1, c.after + 2, c.after + 3]
     assert count_trials(studies.load("c/freeze1", url)) == (1, 0)  # epochs, not a point
+    assert continuation.continued(studies.load("c/freeze1", url)) == {0}  # not again from them
 
     # export-best retrains a continuation from the same kept weights: the same model.
     out = export_best("c/freeze1", tmp_path / "export", url, "cpu", retrain=True, trial=child)
     assert out["weights_from"] == "retrained"
     assert out["retrained_value"] == pytest.approx(child.value, rel=1e-3)
+
+
+@pytest.mark.slow  # a whole budgeted tune run, about a minute
+def test_time_the_stages_leave_continues_the_best_fine_tuning_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """freeze1's one point uses up its space at once: the time left before the export goes to
+    continuations of its trial, within the budget, and the export is the run's best trial."""
+    import json
+
+    import optuna
+
+    from tests.test_tune_command import tune_in_process
+
+    path = tmp_path / "one.toml"
+    path.write_text('name = "one"\nseed = 0\nn_trials = 4\n' + TINY_DATA_MODEL
+                    + '[search]\nbatch_size = [32]\nepochs = [2]\nlr = [1e-3]\n'
+                    + '[stages.freeze1]\nepochs = [2]\nlr = [1e-4]\ndecay = ["constant"]\n'
+                    )  # fmt: skip
+    run = tmp_path / "run"
+    code, out, err = tune_in_process(
+        ["--config", str(path), "--out", str(run), "--time", "1m", "--stages", "head,freeze1"],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0, err[-3000:]
+    assert "continues for" in out, out
+    url = f"sqlite:///{run / 'studies.db'}"
+    trials = optuna.load_study(study_name="one/freeze1", storage=url).trials
+    grown = [t for t in trials if continuation.of(t) is not None]
+    assert len(trials) == 1 + len(grown) and 1 <= len(grown) <= 3
+    first = continuation.of(grown[0])
+    assert first is not None and first.trial == 0  # the first continues the stage's trial
+    spent = json.loads((run / "run.json").read_text())["time"]["spent"]
+    assert spent <= 60 * 1.1, out
+    manifest = json.loads((run / "export" / "manifest.json").read_text())
+    values = [t.value for t in trials if t.value is not None]
+    head = optuna.load_study(study_name="one/head", storage=url).best_value
+    assert manifest["tuned_value"] == min([*values, head])

@@ -180,9 +180,15 @@ def test_a_killed_run_is_charged_its_time_and_the_rerun_reads_its_plan(tmp_path:
     lived = time.monotonic() - began
     assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
     spent = json.loads((run / "run.json").read_text())["time"]["spent"]
-    assert 5 < spent <= lived + 1, (spent, lived)
+    assert 0 < spent <= lived + 1, (spent, lived)
     done = [t for t in trials(run)["shapes/head"] if t[1] in ("COMPLETE", "PRUNED")]
     assert len(done) >= 2
+    # It holds at least the time from the first trial's start to trial 1's end, less the tell
+    # (the record is written as each trial ends, before it is told): not a guess of the machine.
+    head = optuna.load_study(study_name="shapes/head", storage=f"sqlite:///{run / 'studies.db'}")
+    first, second = (t for t in head.trials if t.number in (0, 1))
+    assert second.datetime_complete is not None
+    assert spent >= (second.datetime_start - first.datetime_start).total_seconds(), spent
 
     rerun = subprocess.run(
         [*command, "--plan-only"], capture_output=True, text=True, timeout=300, check=False

@@ -81,6 +81,12 @@ def enqueue(study: optuna.Study, parent: optuna.trial.FrozenTrial, epochs: int) 
     return c
 
 
+def continued(study: optuna.Study) -> set[int]:
+    """The numbers of the study's trials that a continuation continues (or is queued to): a
+    second one from the same weights would train the same epochs again."""
+    return {c.trial for t in study.get_trials(deepcopy=False) if (c := of(t)) is not None}
+
+
 def waiting(study: optuna.Study) -> bool:
     """Whether a continuation is queued (it runs even when the trial budget is reached)."""
     from optuna.trial import TrialState

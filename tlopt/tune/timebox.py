@@ -261,7 +261,7 @@ def rungs(allotted: list[Allotment], pruner: str, startup: int, warmup: int) -> 
         )
     lines.append(
         "  continuations: time the stages leave before the export continues the best "
-        "fine-tuning trial, again while each continuation beats the last"
+        "fine-tuning trial not continued yet, the better stage's first"
     )
     return lines
 
