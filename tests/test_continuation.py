@@ -58,7 +58,8 @@ def test_a_continuation_starts_from_its_parents_best_epoch_and_runs_past_the_bud
     # The pruner hears its epochs after the ones its start had trained.
     assert sorted(child.intermediate_values) == [c.after + 1, c.after + 2, c.after + 3]
     assert count_trials(studies.load("c/freeze1", url)) == (1, 0)  # epochs, not a point
-    assert continuation.continued(studies.load("c/freeze1", url)) == {0}  # not again from them
+    assert continuation.progress(studies.load("c/freeze1", url), 0) == "ended"  # not again
+    assert continuation.progress(studies.load("c/freeze1", url), 1) is None
 
     # export-best retrains a continuation from the same kept weights: the same model.
     out = export_best("c/freeze1", tmp_path / "export", url, "cpu", retrain=True, trial=child)

@@ -302,7 +302,8 @@ class _Run:
         parent = held.best(stage)
         if parent is None or not continuation.can_continue(parent) or stage not in self.names:
             return None
-        if parent.number in continuation.continued(held.study(stage)):
+        stands = continuation.progress(held.study(stage), parent.number)
+        if stands in ("running", "ended"):
             return None
         ours = self.plan.stages[self.names.index(stage)]
         most = int(parent.params.get("epochs") or parent.user_attrs.get("epochs_run") or 0)
@@ -311,11 +312,14 @@ class _Run:
         epochs = epochs_that_fit(ours, batch, most, until - now, slowdown(self.paces))
         if epochs < 1:
             return None
-        c = continuation.enqueue(held.study(stage), parent, epochs)
-        say(
-            f"stage {stage}: trial {parent.number} (val loss {parent.value:.4f}) continues for "
-            f"{epochs} more epochs from its best epoch ({c.after} trained)"
-        )
+        if stands == "queued":  # a stopped run's: it resumes from its checkpoint
+            say(f"stage {stage}: the continuation of trial {parent.number} resumes")
+        else:
+            c = continuation.enqueue(held.study(stage), parent, epochs)
+            say(
+                f"stage {stage}: trial {parent.number} (val loss {parent.value:.4f}) continues "
+                f"for {epochs} more epochs from its best epoch ({c.after} trained)"
+            )
         # One worker here runs it (the budget is reached for new points), up to ``until``.
         work(held.study_name(stage), held.url, max(1, held.finished(stage)), 60.0,
              self.place.device, threads=self.place.threads, on_trial_done=self._on_trial_done,

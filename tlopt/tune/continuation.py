@@ -81,10 +81,20 @@ def enqueue(study: optuna.Study, parent: optuna.trial.FrozenTrial, epochs: int) 
     return c
 
 
-def continued(study: optuna.Study) -> set[int]:
-    """The numbers of the study's trials that a continuation continues (or is queued to): a
-    second one from the same weights would train the same epochs again."""
-    return {c.trial for t in study.get_trials(deepcopy=False) if (c := of(t)) is not None}
+def progress(study: optuna.Study, parent: int) -> str | None:
+    """Where the continuation of trial ``parent`` stands: None (there is none), "queued" (a
+    stopped run's, with its checkpoint: it resumes), "running" (here or elsewhere, or killed
+    and not yet failed as stale) or "ended" (a second from the same weights would train the
+    same epochs again)."""
+    from optuna.trial import TrialState
+
+    states = {t.state for t in study.get_trials(deepcopy=False)
+              if (c := of(t)) is not None and c.trial == parent}  # fmt: skip
+    if not states:
+        return None
+    if TrialState.WAITING in states:
+        return "queued"
+    return "running" if TrialState.RUNNING in states else "ended"
 
 
 def waiting(study: optuna.Study) -> bool:
