@@ -67,7 +67,7 @@ def test_a_continuation_starts_from_its_parents_best_epoch_and_runs_past_the_bud
     assert out["retrained_value"] == pytest.approx(child.value, rel=1e-3)
 
 
-@pytest.mark.slow  # a whole budgeted tune run, about a minute
+@pytest.mark.slow  # a whole budgeted tune run (it ends when its continuations do)
 def test_time_the_stages_leave_continues_the_best_fine_tuning_trial(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -86,7 +86,7 @@ def test_time_the_stages_leave_continues_the_best_fine_tuning_trial(
                     )  # fmt: skip
     run = tmp_path / "run"
     code, out, err = tune_in_process(
-        ["--config", str(path), "--out", str(run), "--time", "1m", "--stages", "head,freeze1"],
+        ["--config", str(path), "--out", str(run), "--time", "2m", "--stages", "head,freeze1"],
         capsys,
         monkeypatch,
     )
@@ -99,7 +99,7 @@ def test_time_the_stages_leave_continues_the_best_fine_tuning_trial(
     first = continuation.of(grown[0])
     assert first is not None and first.trial == 0  # the first continues the stage's trial
     spent = json.loads((run / "run.json").read_text())["time"]["spent"]
-    assert spent <= 60 * 1.1, out
+    assert spent <= 120 * 1.1, out
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     values = [t.value for t in trials if t.value is not None]
     head = optuna.load_study(study_name="one/head", storage=url).best_value

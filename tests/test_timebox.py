@@ -352,8 +352,10 @@ def test_the_export_reserve_grows_with_the_slowdown_the_trials_measured() -> Non
     from tlopt.tune.timebox import MAX_SLOWDOWN, pace, slowdown
 
     s = StagePlan("freeze1", 4, (3, 6), {16: 10.0, 32: 8.0}, 5.0, trial_seconds=2.0)
-    assert pace(s, 26.0, 3, 32) == pytest.approx(1.0)  # 2 + 3 x 8: as planned
-    assert pace(s, 64.0, 3, 16) == pytest.approx(2.0)  # 2 + 3 x 10, twice as long
+    assert pace(s, 28.0, 3, 32) == pytest.approx(1.0)  # 2 + 2 + 3 x 8: as planned
+    assert pace(s, 68.0, 3, 16) == pytest.approx(2.0)  # 2 + 2 + 3 x 10, twice as long
+    tiny = StagePlan("freeze1", 1, (2,), {32: 0.2}, 0.1, trial_seconds=0.05)
+    assert pace(tiny, 3.0, 2, 32) < 1.5  # a tiny trial's records are planned: not a slowdown
     assert pace(s, 10.0, 3, 8) is None and pace(s, 10.0, 0, 16) is None  # nothing to compare
     assert slowdown([]) == 1.0 and slowdown([0.6, 0.9]) == 1.0  # a faster machine keeps it
     assert slowdown([1.0, 2.0, 3.0]) == 2.0 and slowdown([9.0]) == MAX_SLOWDOWN

@@ -87,7 +87,9 @@ def pace(s: StagePlan, seconds: float, epochs: int, batch_size: int) -> float | 
     its batch size): above 1 when the machine runs slower than when the plan was measured
     (another job started beside the run). None: the plan has no cost for it."""
     per_epoch = s.epoch_seconds.get(batch_size)
-    planned = s.trial_seconds + epochs * per_epoch if per_epoch is not None else 0.0
+    # With the per-trial overhead, as trial_seconds plans it: a trial of a tiny network is
+    # mostly that (0.2 s an epoch planned, seconds of records: a pace of 8 on an idle machine).
+    planned = TRIAL_OVERHEAD_S + s.trial_seconds + epochs * per_epoch if per_epoch else 0.0
     return seconds / planned if planned > 0 and epochs > 0 else None
 
 
