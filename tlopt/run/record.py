@@ -121,6 +121,18 @@ class Clock:
         """Seconds this invocation has run."""
         return time.monotonic() - self.began
 
+    def closing_line(self) -> str:
+        """The time spent of the budget, and the share of this invocation's that trained no
+        trial (the probe, the plan, the export, the report)."""
+        spent, budget = self.spent(), self.budget
+        over = spent - budget
+        note = f", {over:.0f} s ({over / budget:.1%}) over" if over > 0 else ""
+        line = f"time: {spent / 60:.1f} min of {format_duration(budget)} spent{note}"
+        if self.fixed:
+            line += f"; fixed costs (probe, plan, export, report) {self.fixed / 60:.1f} min, "
+            line += f"{self.fixed / max(self.now(), 1e-9):.0%} of this run's"
+        return line
+
     def spent(self) -> float:
         return self.before + self.now()
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlopt.config import AUTO_SIZE, StudyConfig
-from tlopt.durations import format_duration
 from tlopt.errors import ConfigError, Stopped, TloptError
 from tlopt.run.finish import candidates, finish
 from tlopt.run.held import Held, adopt_epochs, adopt_rules, check_order, check_studies
@@ -36,8 +35,6 @@ from tlopt.tune.timebox import Allotment
 
 if TYPE_CHECKING:
     from tlopt.tune.plan import Plan
-
-MAX_CONTINUATIONS = 3  # after the stages: at most this many, one after another
 
 
 @contextlib.contextmanager
@@ -275,6 +272,8 @@ class _Run:
         # What the stages left before the export's reserve: more epochs for the best point
         # not yet continued, the better stage's first (a continuation that beat its parent is
         # such a point), at most MAX_CONTINUATIONS.
+        from tlopt.run.grow import MAX_CONTINUATIONS
+
         tuning = [a.stage for a in shares if a.stage != "head" and a.stage in runs]
         for _ in range(MAX_CONTINUATIONS):
             best = held.best_losses(tuning)
@@ -290,52 +289,20 @@ class _Run:
         return self.clock.end() - self._export_reserve()
 
     def _continue(self, stage: str, until: float) -> bool | None:
-        """Continue the stage's best trial from its kept weights for its epochs, or as many as
-        end before ``until`` (tlopt.tune.continuation): whether the new trial beat it; None
-        when none ran (no kept weights, continued before, or no epoch fits)."""
-        from tlopt.tune import continuation
-        from tlopt.tune.timebox import epochs_that_fit, slowdown
-        from tlopt.tune.worker import STOP, work
+        """tlopt.run.grow.continue_best for one of this run's stages (None: another's)."""
+        from tlopt.run.grow import continue_best
+        from tlopt.tune.timebox import slowdown
 
         assert self.held is not None and self.plan is not None
-        held, say = self.held, self.say
-        parent = held.best(stage)
-        if parent is None or not continuation.can_continue(parent) or stage not in self.names:
-            return None
-        stands = continuation.progress(held.study(stage), parent.number)
-        if stands in ("running", "ended"):
+        if stage not in self.names:
             return None
         ours = self.plan.stages[self.names.index(stage)]
-        most = int(parent.params.get("epochs") or parent.user_attrs.get("epochs_run") or 0)
-        batch = int(parent.params.get("batch_size") or 0)
-        now = time.monotonic()
-        epochs = epochs_that_fit(ours, batch, most, until - now, slowdown(self.paces))
-        if epochs < 1:
-            return None
-        if stands == "queued":  # a stopped run's: it resumes from its checkpoint
-            say(f"stage {stage}: the continuation of trial {parent.number} resumes")
-        else:
-            c = continuation.enqueue(held.study(stage), parent, epochs)
-            say(
-                f"stage {stage}: trial {parent.number} (val loss {parent.value:.4f}) continues "
-                f"for {epochs} more epochs from its best epoch ({c.after} trained)"
-            )
-        # One worker here runs it (the budget is reached for new points), up to ``until``.
-        work(held.study_name(stage), held.url, max(1, held.finished(stage)), 60.0,
-             self.place.device, threads=self.place.threads, on_trial_done=self._on_trial_done,
-             deadline=time.time() + until - now)  # fmt: skip
-        if self.clock is not None:
-            self.clock.save()
-        if STOP.is_set():
-            raise KeyboardInterrupt
-        best = held.best(stage)
-        grew = best is not None and best.number != parent.number
-        if best is not None:
-            say(
-                f"stage {stage}: best val_loss {best.value:.4f}"
-                + (f" (trial {best.number}, the continuation)" if grew else " (unchanged)")
-            )
-        return grew
+        try:
+            return continue_best(self.held, stage, ours, until, slowdown(self.paces),
+                                 self.place, self.say, self._on_trial_done)  # fmt: skip
+        finally:
+            if self.clock is not None:
+                self.clock.save()
 
     def _better(self, shares: list[Allotment], seconds: float) -> str | None:
         """The fine-tuning stage with the lower best validation loss after the first turns:
@@ -386,17 +353,9 @@ class _Run:
     def _closing_line(self) -> None:
         """The time spent of the budget, and the share of it that trained no trial."""
         clock, config = self.clock, self.config
-        if clock is None or config is None or not config.time_budget:
-            return
-        clock.save()
-        spent, budget = clock.spent(), config.time_budget
-        over = spent - budget
-        note = f", {over:.0f} s ({over / budget:.1%}) over" if over > 0 else ""
-        say = f"time: {spent / 60:.1f} min of {format_duration(budget)} spent{note}"
-        if clock.fixed:
-            say += f"; fixed costs (probe, plan, export, report) {clock.fixed / 60:.1f} min, "
-            say += f"{clock.fixed / max(clock.now(), 1e-9):.0%} of this run's"
-        self.say(say)
+        if clock is not None and config is not None and config.time_budget:
+            clock.save()
+            self.say(clock.closing_line())
 
     def _finish(self) -> dict[str, Any]:
         """The export and the report (tlopt.run.finish); a stop from here keeps the old export."""
