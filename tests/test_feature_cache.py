@@ -62,3 +62,25 @@ def test_features_over_the_budget_are_not_kept(caplog: pytest.LogCaptureFixture)
     with caplog.at_level(logging.INFO, logger="tlopt.worker"):
         out = cached_prefix(SplitModel(model, 32), _images("x"), True, FeatureCache(max_bytes=8))
     assert out is None and "exceed the feature cache" in caplog.text
+
+
+def test_mirror_views_add_to_cached_plain_views_and_equal_both_computed_at_once() -> None:
+    """The size probe caches plain views at every size; the head stage's mirrored entry at the
+    chosen size reuses them and runs the prefix on the mirror images only."""
+    model = create_backbone("test_efficientnet", "none", num_classes=2)
+    apply_stage(model, parse_stage("head"))
+    model.eval()
+    split = SplitModel(model, 32)
+    calls: list[int] = []
+    prefix = split.prefix
+    split.prefix = lambda x: (calls.append(len(x)), prefix(x))[1]  # type: ignore[method-assign]
+    cache = FeatureCache()
+    plain = cached_prefix(split, _images("d/train/32px"), False, cache)
+    assert plain is not None and sum(calls[1:]) == 6  # calls[0]: the size check's 2 images
+    calls.clear()
+    both = cached_prefix(split, _images("d/train/32px"), True, cache)
+    assert both is not None and both.shape[0] == 2 and sum(calls[1:]) == 6  # the mirrors only
+    assert torch.equal(both[0], plain[0])
+    alone = cached_prefix(split, _images("d/train/32px"), True, FeatureCache())  # no plain one
+    assert alone is not None
+    torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-6)

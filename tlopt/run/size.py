@@ -3,6 +3,7 @@ from the record before anything else is measured)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -47,11 +48,13 @@ def choose_size(
         candidate_sizes,
         choose,
         median_side,
+        mirror_features,
         native_size,
         probe_sizes,
         probe_table,
     )
 
+    began = time.monotonic()
     source = open_config_source(config)
     native = native_size(create_backbone(config.model.backbone, "none", len(source.classes)))
     sizes = candidate_sizes(native, median_side(source))
@@ -62,6 +65,8 @@ def choose_size(
     table = probe_table(rows, chosen)
     for line in table:
         say(line)
+    mirror_features(config, source, chosen, str(device))  # for the head stage, here
+    say(f"size probe: {time.monotonic() - began:.0f} s in all")
     return probe_key(config) | {
         "chosen": chosen,
         "rows": [r.as_dict() for r in rows],

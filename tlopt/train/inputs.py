@@ -43,15 +43,19 @@ class Inputs:
             # names the data by content, the prefix by its cut, and the views.
             cut = getattr(split.model, "cut", None)
             what = data.name or f"object {id(data)}"
-            key = f"{what}|{split.mode}:{split.cut}|cut{cut}|mirror={mirror}"
-            self.cached = cache.get(key)
+            key = f"{what}|{split.mode}:{split.cut}|cut{cut}|mirror="
+            self.cached = cache.get(key + str(mirror))
             if self.cached is None:
-                self.cached = self._compute(cache)
+                # The mirror views add to the plain ones when those are cached (the size probe
+                # computes plain views at every size, the head stage wants both at the chosen).
+                plain = cache.get(key + "False") if mirror else None
+                self.cached = self._compute(cache, plain)
                 if self.cached is not None:
-                    cache.put(key, self.cached, owner=None if data.name else data)
+                    cache.put(key + str(mirror), self.cached, owner=None if data.name else data)
 
     @torch.no_grad()
-    def _compute(self, cache: FeatureCache) -> torch.Tensor | None:
+    def _compute(self, cache: FeatureCache, plain: torch.Tensor | None) -> torch.Tensor | None:
+        """Every view's prefix outputs; ``plain``: the unmirrored view's, computed before."""
         n = len(self.data)
         with autocast(self.data.images.device):
             probe = self.split.prefix(self.data.batch(torch.arange(min(n, 2))))
@@ -66,7 +70,8 @@ class Inputs:
             )
             return None
         views = [False, True] if self.mirror else [False]
-        out = []
+        out = [] if plain is None else [plain[0]]
+        views = views[len(out) :]
         shown = bar(total=n * len(views), desc="frozen features", unit="img")
         for flipped in views:
             chunks = []

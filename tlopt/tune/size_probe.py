@@ -1,10 +1,12 @@
 """The image size chosen by the data: a linear probe on the frozen backbone's features, per size.
 
 For each size the images are decoded at that size (the decoded-image cache the workers then
-read), the backbone with the study's weights maps each training image and its mirror image to
-its pooled features (the export's descriptors), and a logistic regression (scikit-learn, one
-fit per C) is scored on the validation split. The head stage is such a probe, so a size with a
-lower probe loss gives a better head, and the fine-tuning stages start from it.
+read), the backbone with the study's weights maps each training image to its pooled features
+(the export's descriptors), and a logistic regression (scikit-learn, one fit per C) is scored
+on the validation split. The head stage is such a probe, so a size with a lower probe loss
+gives a better head, and the fine-tuning stages start from it. The probe leaves out the mirror
+images the head trains on too: they cost as much as the images again at every size, and only
+the chosen size's serve the head stage, so they are computed for it alone (issue 28.1).
 
 The backbone's own size is probed first (a photo smaller than it may still do best upsampled
 to it: flowers of 128 px probed 1.02 at 128 and 0.76 at 224), then the others smallest first;
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +38,9 @@ from tlopt.errors import DataError
 from tlopt.models.backbones import create_backbone, normalization
 from tlopt.train.data import ImageSet
 from tlopt.train.descriptors import predict
+
+if TYPE_CHECKING:
+    from tlopt.tune.context import StudyContext
 
 C_VALUES = (0.1, 1.0)
 BETTER_BY = 0.02  # without per-image losses: a larger size must lower the loss by 2%
@@ -115,7 +121,6 @@ def probe_sizes(
     index, y = split_indices(source), labels(source)
     if "val" not in index or not len(index["val"]):
         raise DataError("the size probe needs a validation split: give the data a val/ folder")
-    mirror = any(config.search.flip)
 
     @functools.cache
     def backbone() -> torch.nn.Module:
@@ -127,22 +132,25 @@ def probe_sizes(
         data = ImageSet.from_arrays(pixels, yy, mean, std, torch.device(device))
         return predict(backbone(), data)[0]
 
-    def pooled(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-        """Train (and mirror) and val features as the head stage computes them, into the
-        process's frozen-feature cache: the chosen size's serve the plan and the head worker.
-        None: the backbone's head is not a linear layer on pooled features."""
+    def head_context(size: int) -> StudyContext:
         from tlopt.tune.plan import Pieces
-        from tlopt.tune.runner import pooled_features
 
         at = replace(config, data=replace(config.data, image_size=size))
-        ctx = Pieces(at, source, str(device)).context("head")
-        ready = pooled_features(ctx, mirror)
+        return Pieces(at, source, str(device)).context("head")
+
+    def pooled(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """Train and val features as the head stage computes them, into the process's
+        frozen-feature cache (the chosen size's serve the plan and the head worker). None: the
+        backbone's head is not a linear layer on pooled features."""
+        from tlopt.tune.runner import pooled_features
+
+        ctx = head_context(size)
+        ready = pooled_features(ctx, False)
         if ready is None:
             return None
-        train, val = ready[2].cpu().numpy(), ready[3].cpu().numpy()
-        ytr = ctx.split("train").labels.cpu().numpy()
-        x = train.reshape(-1, train.shape[-1])
-        return x, np.tile(ytr, train.shape[0]), val, ctx.split("val").labels.cpu().numpy()
+        train, val = ready[2][0].cpu().numpy(), ready[3].cpu().numpy()
+        ytr, yva = ctx.split("train").labels.cpu().numpy(), ctx.split("val").labels.cpu().numpy()
+        return train, ytr, val, yva
 
     rows: list[ProbeRow] = []
     began = time.perf_counter()
@@ -160,9 +168,6 @@ def probe_sizes(
             pixels = decode_source(source, size, cache)
             tr, ytr = pixels[index["train"]], y[index["train"]]
             x, yy = features(tr, ytr), ytr
-            if mirror:  # the head trains on mirrors too: so does the probe
-                x = np.concatenate([x, features(tr[:, :, ::-1], ytr)])
-                yy = np.concatenate([ytr, ytr])
             val = (features(pixels[index["val"]], y[index["val"]]), y[index["val"]])
         (loss, hits, each), c = min((probe_fit((x, yy), val, c), c) for c in C_VALUES)
         row = ProbeRow(size, time.perf_counter() - start, loss, hits, len(val[1]), c, each)
@@ -170,6 +175,17 @@ def probe_sizes(
             f"({row.seconds:.0f} s)")  # fmt: skip
         rows.append(row)
     return sorted(rows, key=lambda r: r.size)
+
+
+def mirror_features(config: StudyConfig, source: Source, size: int, device: str) -> None:
+    """The chosen size's mirror views into the process's frozen-feature cache, beside the plain
+    ones the probe computed (the head stage trains on both when the search flips)."""
+    from tlopt.tune.plan import Pieces
+    from tlopt.tune.runner import pooled_features
+
+    if any(config.search.flip):
+        at = replace(config, data=replace(config.data, image_size=size))
+        pooled_features(Pieces(at, source, device).context("head"), True)
 
 
 def lower_share(smaller: ProbeRow, larger: ProbeRow) -> float | None:
