@@ -35,6 +35,23 @@ def test_plan_lists_every_stage_with_positive_epoch_costs(tmp_path: Path) -> Non
     assert plan.seconds == pytest.approx(sum(s.seconds for s in plan.stages))
 
 
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_warm_model_times_its_first_step_instead_of_a_warm_up_step(warm: bool) -> None:
+    """After the first batch size the model is warm: no step is trained only to be dropped."""
+    import torch
+
+    from tlopt.tune.plan import TIMED_STEPS, _timed_steps
+
+    steps: list[int] = []
+
+    def train(should_stop: object) -> None:
+        while not should_stop():  # type: ignore[operator]
+            steps.append(1)  # a step far shorter than STEP_BUDGET_S: the count stops it
+
+    step, _first = _timed_steps(torch.device("cpu"), train, warm)
+    assert len(steps) == TIMED_STEPS + (0 if warm else 1) + 1 and step >= 0
+
+
 def test_stage_estimate_scales_with_trials_and_epochs(tmp_path: Path) -> None:
     (stage,) = make_plan(load_config(tiny_study(tmp_path)), ["freeze1"], lambda _: 2).stages
     assert stage.trials == 2
@@ -66,7 +83,8 @@ def test_plan_only_prints_the_plan_and_a_warning_and_runs_no_trial(
     monkeypatch.setattr("tlopt.tune.plan.WARN_HOURS", 1e-9)
     code, out, err = tune_in_process([*args, "--epochs", "10000"], capsys, monkeypatch)
     assert code == 0, err
-    lines = out.splitlines()
+    assert out.splitlines()[0].startswith("plan: measured in ")  # what the plan cost
+    lines = out.splitlines()[1:]
     assert lines[0].startswith("plan (measured on cpu")
     assert [line.split()[0] for line in lines[2:5]] == STAGES
     assert lines[5].lstrip().startswith("total")

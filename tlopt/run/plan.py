@@ -4,6 +4,7 @@ measures nothing again) and the time budget's share per stage (tlopt.tune.timebo
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,9 @@ def measured_plan(
     was = record.get("measured_plan")
     plan = _recorded(was, key, config, left) if isinstance(was, dict) else None
     if plan is None:
+        began = time.monotonic()
         plan = make_plan(config, names, left.__getitem__, place.plan_device, place.heads_at_once)
+        say(f"plan: measured in {time.monotonic() - began:.0f} s (the frozen features included)")
     else:
         say("plan: as measured by this run before (its costs per epoch and trial)")
     return plan, {"key": key, "plan": plan.as_dict()}
