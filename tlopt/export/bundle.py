@@ -132,7 +132,10 @@ def export_best(
     params, dropout, result, model = run.params, run.dropout, run.result, run.model
     history = [r.as_dict() for r in result.history]
     evaluated = "test" if ctx.has_split("test") else "val"
-    _, logits = predict(model, ctx.split(evaluated))
+    # One pass over every image: the descriptors, and the evaluated split's logits from them.
+    every = ImageSet.from_arrays(np.asarray(ctx.images), ctx.labels, ctx.mean, ctx.std, ctx.device)
+    descriptors, all_logits = predict(model, every)
+    logits = all_logits[np.asarray(ctx.index[evaluated])]
     y_true = ctx.split(evaluated).labels.cpu().numpy()
     metrics = classification_metrics(y_true, logits.argmax(1), ctx.classes)
     metrics["split"] = evaluated
@@ -151,7 +154,7 @@ def export_best(
             stage / "confusion_matrix.png",
             f"{title}: {evaluated} confusion matrix",
         )
-        _write_descriptors(model, ctx, stage)
+        _write_descriptors(descriptors, ctx, stage)
         manifest = {
             "study": study_name,
             "stage": ctx.stage.name,
@@ -320,10 +323,8 @@ def _report_text(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_descriptors(model: nn.Module, ctx: StudyContext, folder: Path) -> None:
+def _write_descriptors(descriptors: np.ndarray, ctx: StudyContext, folder: Path) -> None:
     """One row per image of the source, in the source's order."""
-    every = ImageSet.from_arrays(np.asarray(ctx.images), ctx.labels, ctx.mean, ctx.std, ctx.device)
-    descriptors, _ = predict(model, every)
     np.save(folder / "descriptors.npy", descriptors.astype(np.float32))
     with open(folder / "descriptors.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
