@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import pytest
 
 from tests.conftest import TINY_DATA_MODEL
@@ -55,6 +56,8 @@ def test_a_continuation_starts_from_its_parents_best_epoch_and_runs_past_the_bud
     assert history[0]["val_loss"] == pytest.approx(parent.value, rel=1e-4)
     assert [r["epoch"] for r in history] == [0, 1, 2, 3]
     assert child.user_attrs["tlopt.train_params"]["epochs"] == 3
+    lr = parent.user_attrs["tlopt.train_params"]["lr"]
+    assert child.user_attrs["tlopt.train_params"]["lr"] == pytest.approx(lr * c.rate)
     # The pruner hears its epochs after the ones its start had trained.
     assert sorted(child.intermediate_values) == [c.after + 1, c.after + 2, c.after + 3]
     assert count_trials(studies.load("c/freeze1", url)) == (1, 0)  # epochs, not a point
@@ -67,6 +70,38 @@ def test_a_continuation_starts_from_its_parents_best_epoch_and_runs_past_the_bud
     assert out["retrained_value"] == pytest.approx(child.value, rel=1e-3)
 
 
+def _ended(
+    epochs: int, best_epoch: int, run: int | None = None, **attrs: object
+) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(
+        params={"epochs": epochs},
+        distributions={"epochs": optuna.distributions.CategoricalDistribution([epochs])},
+        value=0.5,
+        user_attrs={
+            "best_epoch": best_epoch,
+            "epochs_run": epochs if run is None else run,
+            continuation.WEIGHTS: "w",
+            **attrs,
+        },  # fmt: skip
+    )
+
+
+def test_a_parent_whose_first_epoch_was_its_best_continues_at_a_tenth_of_its_rate() -> None:
+    tenth = continuation.EARLY_RATE
+    assert continuation.rate_after(_ended(6, 1)) == tenth  # every later epoch lost
+    assert continuation.rate_after(_ended(6, 1, run=3)) == tenth  # stopped early at epoch 3
+    assert continuation.rate_after(_ended(20, 10)) == 1.0  # still learning: its own rate
+    assert continuation.rate_after(_ended(6, 2)) == 1.0
+    assert continuation.rate_after(_ended(1, 1)) == 1.0  # one epoch: nothing says it lost
+    # A continuation's own epochs and rate count: a tenth again after a tenth.
+    grown = {continuation.CONTINUES: {"trial": 0, "weights": "w", "epochs": 4, "after": 1,
+                                      "rate": tenth}}  # fmt: skip
+    assert continuation.rate_after(_ended(6, 1, run=4, **grown)) == pytest.approx(tenth**2)
+    assert continuation.rate_after(_ended(6, 3, run=4, **grown)) == tenth
+    old = {continuation.CONTINUES: {"trial": 0, "weights": "w", "epochs": 4, "after": 1}}
+    assert continuation.of(_ended(6, 4, **old)) == continuation.Continuation(0, "w", 4, 1, 1.0)
+
+
 @pytest.mark.slow  # a whole budgeted tune run (it ends when its continuations do)
 def test_time_the_stages_leave_continues_the_best_fine_tuning_trial(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -74,8 +109,6 @@ def test_time_the_stages_leave_continues_the_best_fine_tuning_trial(
     """freeze1's one point uses up its space at once: the time left before the export goes to
     continuations of its trial, within the budget, and the export is the run's best trial."""
     import json
-
-    import optuna
 
     from tests.test_tune_command import tune_in_process
 

@@ -50,9 +50,10 @@ def continue_best(
         say(f"stage {stage}: the continuation of trial {parent.number} resumes")
     else:
         c = continuation.enqueue(held.study(stage), parent, epochs)
+        rate = "" if c.rate == 1.0 else f" at {c.rate:g} times its rate"
         say(
             f"stage {stage}: trial {parent.number} (val loss {parent.value:.4f}) continues "
-            f"for {epochs} more epochs from its best epoch ({c.after} trained)"
+            f"for {epochs} more epochs from its best epoch ({c.after} trained){rate}"
         )
     # One worker here runs it (the budget is reached for new points), up to ``until``.
     work(held.study_name(stage), held.url, max(1, held.finished(stage)), 60.0, place.device,

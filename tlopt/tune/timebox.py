@@ -263,7 +263,8 @@ def rungs(allotted: list[Allotment], pruner: str, startup: int, warmup: int) -> 
         )
     lines.append(
         "  continuations: time the stages leave before the export continues the best "
-        "fine-tuning trial not continued yet, the better stage's first"
+        "fine-tuning trial not continued yet, the better stage's first; a trial whose first "
+        "epoch was its best continues at a tenth of its rate"
     )
     return lines
 
