@@ -156,8 +156,8 @@ def measure_stage(
     model = ctx.build_model(first_setup.dropout, first_setup.cut)  # one for every batch size
     for i, bs in enumerate(ctx.space.batch_size):
         # After the first batch size the model and the frozen features are warm: its first
-        # step is timed too (freeze1's warm-up step at batch size 32 on hymenoptera at 288 px
-        # cost 8 s of a plan of 66 s: issue 28.1).
+        # step is timed too (a step of hymenoptera's freeze1 at 288 px and batch size 32 takes
+        # 2-3 s on 2 cores, of a plan that took about a minute: issue 28.1).
         step, first = _step_seconds(ctx, _setup(ctx, bs), model, warm=i > 0)
         setup = first if i == 0 else setup  # the frozen features, computed once per stage
         n = len(ctx.split("train"))

@@ -132,19 +132,13 @@ def probe_sizes(
         data = ImageSet.from_arrays(pixels, yy, mean, std, torch.device(device))
         return predict(backbone(), data)[0]
 
-    def head_context(size: int) -> StudyContext:
-        from tlopt.tune.plan import Pieces
-
-        at = replace(config, data=replace(config.data, image_size=size))
-        return Pieces(at, source, str(device)).context("head")
-
     def pooled(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Train and val features as the head stage computes them, into the process's
         frozen-feature cache (the chosen size's serve the plan and the head worker). None: the
         backbone's head is not a linear layer on pooled features."""
         from tlopt.tune.runner import pooled_features
 
-        ctx = head_context(size)
+        ctx = _head_context(config, source, size, str(device))
         ready = pooled_features(ctx, False)
         if ready is None:
             return None
@@ -180,12 +174,18 @@ def probe_sizes(
 def mirror_features(config: StudyConfig, source: Source, size: int, device: str) -> None:
     """The chosen size's mirror views into the process's frozen-feature cache, beside the plain
     ones the probe computed (the head stage trains on both when the search flips)."""
-    from tlopt.tune.plan import Pieces
     from tlopt.tune.runner import pooled_features
 
     if any(config.search.flip):
-        at = replace(config, data=replace(config.data, image_size=size))
-        pooled_features(Pieces(at, source, device).context("head"), True)
+        pooled_features(_head_context(config, source, size, device), True)
+
+
+def _head_context(config: StudyConfig, source: Source, size: int, device: str) -> StudyContext:
+    """The head stage's context at ``size``, as a worker of this process builds it."""
+    from tlopt.tune.plan import Pieces
+
+    at = replace(config, data=replace(config.data, image_size=size))
+    return Pieces(at, source, device).context("head")
 
 
 def lower_share(smaller: ProbeRow, larger: ProbeRow) -> float | None:
