@@ -371,9 +371,9 @@ def check_two_trials(
     passes = []  # the frozen prefix's passes over a split, counted while the two trials run
     compute = inputs.Inputs._compute
 
-    def counted(self: inputs.Inputs, cache: Any) -> torch.Tensor | None:
+    def counted(self: inputs.Inputs, cache: Any, plain: torch.Tensor | None) -> torch.Tensor | None:
         passes.append(self.data.name)
-        return compute(self, cache)
+        return compute(self, cache, plain)
 
     inputs.Inputs._compute = counted  # type: ignore[method-assign]
     try:
