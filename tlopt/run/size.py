@@ -48,7 +48,6 @@ def choose_size(
         candidate_sizes,
         choose,
         median_side,
-        mirror_features,
         native_size,
         probe_sizes,
         probe_table,
@@ -65,7 +64,6 @@ def choose_size(
     table = probe_table(rows, chosen)
     for line in table:
         say(line)
-    mirror_features(config, source, chosen, str(device))  # for the head stage, here
     say(f"size probe: {time.monotonic() - began:.0f} s in all")
     return probe_key(config) | {
         "chosen": chosen,

@@ -82,8 +82,8 @@ def rate_after(parent: optuna.trial.FrozenTrial) -> float:
     """The rate factor a continuation of ``parent`` trains at: the parent's own, times
     :data:`EARLY_RATE` when its first epoch was its best and it trained more."""
     before = of(parent)
-    trained = before.epochs if before else int(parent.params.get("epochs") or 0)
-    trained = int(parent.user_attrs.get("epochs_run") or trained)
+    planned = before.epochs if before else parent.params.get("epochs")
+    trained = int(parent.user_attrs.get("epochs_run") or planned or 0)
     own = before.rate if before else 1.0
     first_was_best = int(parent.user_attrs["best_epoch"]) <= 1 < trained
     return own * EARLY_RATE if first_was_best else own

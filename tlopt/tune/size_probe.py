@@ -6,7 +6,8 @@ read), the backbone with the study's weights maps each training image to its poo
 on the validation split. The head stage is such a probe, so a size with a lower probe loss
 gives a better head, and the fine-tuning stages start from it. The probe leaves out the mirror
 images the head trains on too: they cost as much as the images again at every size, and only
-the chosen size's serve the head stage, so they are computed for it alone (issue 28.1).
+the chosen size's serve the head stage, which adds them to the plain views the probe cached
+(``Inputs``) when the plan or its first trial asks for them (issue 28.1).
 
 The backbone's own size is probed first (a photo smaller than it may still do best upsampled
 to it: flowers of 128 px probed 1.02 at 128 and 0.76 at 224), then the others smallest first;
@@ -25,7 +26,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,9 +38,6 @@ from tlopt.errors import DataError
 from tlopt.models.backbones import create_backbone, normalization
 from tlopt.train.data import ImageSet
 from tlopt.train.descriptors import predict
-
-if TYPE_CHECKING:
-    from tlopt.tune.context import StudyContext
 
 C_VALUES = (0.1, 1.0)
 BETTER_BY = 0.02  # without per-image losses: a larger size must lower the loss by 2%
@@ -136,9 +133,11 @@ def probe_sizes(
         """Train and val features as the head stage computes them, into the process's
         frozen-feature cache (the chosen size's serve the plan and the head worker). None: the
         backbone's head is not a linear layer on pooled features."""
+        from tlopt.tune.plan import Pieces
         from tlopt.tune.runner import pooled_features
 
-        ctx = _head_context(config, source, size, str(device))
+        at = replace(config, data=replace(config.data, image_size=size))
+        ctx = Pieces(at, source, str(device)).context("head")
         ready = pooled_features(ctx, False)
         if ready is None:
             return None
@@ -169,23 +168,6 @@ def probe_sizes(
             f"({row.seconds:.0f} s)")  # fmt: skip
         rows.append(row)
     return sorted(rows, key=lambda r: r.size)
-
-
-def mirror_features(config: StudyConfig, source: Source, size: int, device: str) -> None:
-    """The chosen size's mirror views into the process's frozen-feature cache, beside the plain
-    ones the probe computed (the head stage trains on both when the search flips)."""
-    from tlopt.tune.runner import pooled_features
-
-    if any(config.search.flip):
-        pooled_features(_head_context(config, source, size, device), True)
-
-
-def _head_context(config: StudyConfig, source: Source, size: int, device: str) -> StudyContext:
-    """The head stage's context at ``size``, as a worker of this process builds it."""
-    from tlopt.tune.plan import Pieces
-
-    at = replace(config, data=replace(config.data, image_size=size))
-    return Pieces(at, source, device).context("head")
 
 
 def lower_share(smaller: ProbeRow, larger: ProbeRow) -> float | None:
