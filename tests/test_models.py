@@ -172,3 +172,15 @@ def test_summary_lists_stages() -> None:
         got[name] = (frozen.strip(), int(count.replace(",", "")))
     assert got == expected
     assert (head, total) == (1_026, 21_285_698)  # 512 * 2 + 2; timm's resnet34
+
+
+def test_building_a_split_keeps_each_modules_train_mode() -> None:
+    """The split's one-off check runs the model in eval mode; after it, a stage's frozen
+    BatchNorm stays in eval mode while the rest trains (set_train_mode), as before it."""
+    model = create_backbone("tf_efficientnet_lite0", "none", 2)
+    apply_stage(model, parse_stage("freeze1"))
+    set_train_mode(model, True)
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert not modes["conv_stem"] and modes["blocks.3"]  # frozen stem, trained later blocks
+    SplitModel(model, 40)  # a size no other test checks, so the check runs here
+    assert {name: m.training for name, m in model.named_modules()} == modes

@@ -278,3 +278,24 @@ def _study_list(db: Path) -> list[dict[str, object]]:
     from tlopt.tune import study as studies
 
     return studies.list_studies(f"sqlite:///{db}")
+
+
+def test_bench_fold_times_both_ways_and_the_features_agree() -> None:
+    done = run_in_group(
+        [
+            sys.executable, str(SCRIPTS / "bench_fold.py"), "--backbone", "test_efficientnet",
+            "--weights", "none", "--image-size", "32", "--batch", "4", "--repeats", "1",
+            "--device", "cpu", "--json",
+        ],
+        300,
+        "bench_fold.py",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["batchnorms_folded"] > 0 and result["agrees"] is True
+    assert result["timm_s"] > 0 and result["folded_s"] > 0
+
+
+def test_bench_fold_bad_input_is_one_line_and_exit_2() -> None:
+    done = run_in_group([sys.executable, str(SCRIPTS / "bench_fold.py"), "--batch", "0"], 120, "f")
+    one_line_error(done, "--batch must be at least 1")

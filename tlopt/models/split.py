@@ -14,13 +14,14 @@ empty and the whole model runs every step (correct, just slower).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from timm.models._features import _module_list
 from torch import nn
 
 from tlopt.models.backbones import classifier_name
+from tlopt.models.fold import fold_batchnorm, folded_features, folded_like
 
 # Names timm gives to the parts of ``forward_head`` (pooling, pre-logits, classifier).
 _HEAD_PARTS = {"global_pool", "pre_logits", "head", "fc", "classifier", "head_drop", "fc_norm"}
@@ -112,7 +113,9 @@ class SplitModel:
             image_size,
         )
         if key not in _VERIFIED:
-            was_training = model.training
+            # Each module's own mode comes back after: a stage's frozen parts stay in eval
+            # mode while the rest trains (set_train_mode), which model.train(True) would undo.
+            modes = [(m, m.training) for m in model.modules()]
             model.eval()
             x = torch.randn(
                 2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)
@@ -139,7 +142,8 @@ class SplitModel:
                     and torch.allclose(head, logits, atol=1e-5, rtol=1e-4)
                 ),
             )
-            model.train(was_training)
+            for m, training in modes:
+                m.training = training
         return _VERIFIED[key]
 
     @property
@@ -170,6 +174,21 @@ class SplitModel:
         for module in self.body[: self.cut]:
             x = module(x)
         return x
+
+    def folded_prefix(self, sample: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`prefix` run by a copy with its BatchNorms folded into the convolutions
+        (tlopt.models.fold), where it gives the prefix's output on ``sample``; else
+        :meth:`prefix`. For a pass over a whole split: the copy is built anew each call."""
+        if self.mode == "none":
+            return self.prefix
+
+        def build() -> Callable[[torch.Tensor], torch.Tensor] | None:
+            if self.mode == "pooled":  # the copy is in eval mode: no head dropout
+                return folded_features(self.model)
+            body, folds = fold_batchnorm(nn.Sequential(*self.body[: self.cut]))
+            return body if folds else None
+
+        return folded_like(self.prefix, build, sample)
 
     def rest(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The trainable part, from the prefix's output to the logits; in train mode the

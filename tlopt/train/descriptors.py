@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tlopt.models.fold import folded_features, folded_like
 from tlopt.train.data import ImageSet
 from tlopt.train.inputs import inference_batch
 
@@ -25,13 +26,18 @@ def predict(
     model.eval()
     feats, logits = [], []
     n = len(images)
+    if n == 0:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
     batch_size = batch_size or inference_batch(images.images.device)
+    device = images.images.device
+    pooled = folded_like(
+        lambda x: model.forward_head(model.forward_features(x), pre_logits=True),
+        lambda: folded_features(model),  # a third faster on the CPU (tlopt.models.fold)
+        images.batch(torch.arange(min(n, 2), device=device)),
+    )
     for start in range(0, n, batch_size):
-        index = torch.arange(start, min(start + batch_size, n), device=images.images.device)
-        x = images.batch(index)
-        features = model.forward_head(model.forward_features(x), pre_logits=True)
+        index = torch.arange(start, min(start + batch_size, n), device=device)
+        features = pooled(images.batch(index))
         feats.append(features.float())
         logits.append(model.get_classifier()(features).float())
-    if not feats:
-        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
     return torch.cat(feats).cpu().numpy(), torch.cat(logits).cpu().numpy()
