@@ -112,3 +112,44 @@ def test_tune_prints_the_plan_before_the_first_trial_and_a_finished_stage_costs_
     assert code == 0, err
     head = next(line for line in out.splitlines() if line.split()[:1] == ["head"])
     assert head.split()[1] == "0" and head.split()[-1] == "0.0"  # finished: nothing to run
+
+
+def test_on_the_cpu_a_fine_tuning_stage_times_one_batch_size_and_scales_it_per_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import math
+
+    import torch
+
+    from tlopt.tune import plan as plan_module
+
+    assert plan_module.timed_batch_sizes((8, 16, 32), torch.device("cpu")) == [16]
+    assert plan_module.timed_batch_sizes((8, 16, 32), torch.device("cuda")) == [8, 16, 32]
+    assert plan_module.timed_batch_sizes((32,), torch.device("cpu")) == [32]
+
+    path = tiny_study(tmp_path)
+    path.write_text(path.read_text().replace("batch_size = [32]", "batch_size = [4, 8, 16]"))
+    timed: list[int] = []
+    step_seconds = plan_module._step_seconds
+
+    def counted(ctx: object, setup: object, *args: object, **kw: object) -> tuple[float, float]:
+        timed.append(setup.params.batch_size)  # type: ignore[attr-defined]
+        return step_seconds(ctx, setup, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(plan_module, "_step_seconds", counted)
+    (stage,) = make_plan(load_config(path), ["freeze1"], lambda _: 1).stages
+    assert timed == [8]
+    from tlopt.tune.context import open_config_source
+
+    config = load_config(path)  # the train split's images, as the plan's Pieces hold them
+    pieces = plan_module.Pieces(config, open_config_source(config), "cpu")
+    n = len(pieces.context("freeze1").split("train"))
+    val = stage.trial_seconds  # freeze1 starts from the head: its trials evaluate epoch 0
+    per_image = {
+        bs: (seconds - val) / (math.ceil(n / bs) * bs)
+        for bs, seconds in stage.epoch_seconds.items()
+    }
+    assert list(per_image) == [4, 8, 16]
+    assert per_image[4] == pytest.approx(per_image[8]) and per_image[16] == pytest.approx(
+        per_image[8]
+    )

@@ -1,11 +1,12 @@
 """A plan before the cost: what each stage of a run costs here, measured before its first trial.
 
-For each stage, a few real training steps at each of the space's batch sizes, through the same
-``fit`` (or, for a head on cached features, the same batched head trainer) the trials run, on
-this device and this data. An epoch costs its steps plus one validation pass; a stage costs its
-trials times the mean epoch choice times the mean epoch cost (pruning can only shorten it), plus
-its one-off set-up (the frozen features a worker computes once). A stage that already holds its
-finished trials costs nothing. Measured for one worker process.
+For each stage, a few real training steps through the same ``fit`` (or, for a head on cached
+features, the same batched head trainer) the trials run, on this device and this data: at each
+of the space's batch sizes, except that a fine-tuning stage on the CPU times the middle one and
+scales it per image (:func:`timed_batch_sizes`). An epoch costs its steps plus one validation
+pass; a stage costs its trials times the mean epoch choice times the mean epoch cost (pruning
+can only shorten it), plus its one-off set-up (the frozen features a worker computes once). A
+stage that already holds its finished trials costs nothing. Measured for one worker process.
 """
 
 from __future__ import annotations
@@ -150,19 +151,36 @@ def measure_stage(
     if can_batch_heads(ctx):  # computes the pooled features, as a head worker's first trial
         setup = time.perf_counter() - began
         return _head_epochs(ctx, heads_at_once), setup, 0.0
-    per_epoch, setup = {}, 0.0
+    setup, step_at = 0.0, {}
     val = _validation_seconds(ctx)
-    first_setup = _setup(ctx, ctx.space.batch_size[0])
+    timed = timed_batch_sizes(ctx.space.batch_size, ctx.device)
+    first_setup = _setup(ctx, timed[0])
     model = ctx.build_model(first_setup.dropout, first_setup.cut)  # one for every batch size
-    for i, bs in enumerate(ctx.space.batch_size):
+    for i, bs in enumerate(timed):
         # After the first batch size the model and the frozen features are warm: its first
         # step is timed too (a step of hymenoptera's freeze1 at 288 px and batch size 32 takes
         # 2-3 s on 2 cores, of a plan that took about a minute: issue 28.1).
         step, first = _step_seconds(ctx, _setup(ctx, bs), model, warm=i > 0)
         setup = first if i == 0 else setup  # the frozen features, computed once per stage
-        n = len(ctx.split("train"))
+        step_at[bs] = step
+    n, per_epoch = len(ctx.split("train")), {}
+    for bs in ctx.space.batch_size:
+        # Untimed batch sizes: the timed one's seconds per image.
+        step = step_at.get(bs, step_at[timed[0]] * bs / timed[0])
         per_epoch[bs] = math.ceil(n / bs) * step + val
     return per_epoch, setup, val if ctx.stage.from_head else 0.0  # from_head: epoch 0
+
+
+def timed_batch_sizes(sizes: tuple[int, ...], device: torch.device) -> list[int]:
+    """The batch sizes a fine-tuning stage's plan times: each on a GPU (a small batch there is
+    bound by the per-step overhead, not by its images); on the CPU only the middle one, the
+    others scaled by their images. There a step costs about its images: hymenoptera's freeze1
+    at 288 px planned 21.8, 27.7 and 29.5 s an epoch at 8, 16 and 32 (the same within the
+    plan's noise: it overestimated the trials' epochs 1.4 to 2.6 times), and timing the two
+    others cost 5-7 s of each fine-tuning stage's plan (issue 28.1)."""
+    if device.type == "cuda" or len(sizes) < 2:
+        return list(sizes)
+    return [sorted(sizes)[len(sizes) // 2]]
 
 
 def _setup(ctx: StudyContext, batch_size: int, epochs: int = 1) -> TrialSetup:
