@@ -38,6 +38,7 @@ class Inputs:
     ):
         self.split, self.data, self.mirror, self.crop_scale = split, data, mirror, crop_scale
         self.cached: torch.Tensor | None = None
+        self._prefix: Callable[[torch.Tensor], torch.Tensor] | None = None  # per step, folded
         if split.has_prefix and crop_scale >= 1.0:
             # The cache belongs to one study, whose trials share the prefix's weights: the key
             # names the data by content, the prefix by its cut, and the views.
@@ -105,7 +106,9 @@ class Inputs:
                 x = random_resized_crop(x, self.crop_scale, generator)
             if self.split.has_prefix:
                 with torch.no_grad():
-                    x = self.split.prefix(x)
+                    if self._prefix is None:  # checked once, on the first batch
+                        self._prefix = self.split.folded_prefix(x[:2])
+                    x = self._prefix(x)
             return x
         # One gather; view 1 holds the mirror images. NHWC maps are viewed back as NCHW.
         x = self.cached[0, index] if flip is None else self.cached[flip.long(), index]
