@@ -336,9 +336,10 @@ class _Run:
         a head trial's: heads trained together share their batch's seconds evenly, and a tiny
         head's few milliseconds an epoch are less than its records cost (a pace of 8 on the
         tests' network, which put the reserve at four times the export's)."""
+        from tlopt.tune.replay import SAME_AS
         from tlopt.tune.timebox import pace
 
-        if ctx.stage.name == "head":
+        if ctx.stage.name == "head" or SAME_AS in trial.user_attrs:  # a repeat trains nothing
             return
         stage = next((s for s in (self.plan.stages if self.plan else ()) if
                       s.stage == ctx.stage.name), None)  # fmt: skip

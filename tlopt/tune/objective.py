@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tlopt.models.backbones import classifier_name
 from tlopt.names import ATTR, HEAD
 from tlopt.train.ledger import EpochRecord, FitResult, NonFiniteLoss, TrainParams
-from tlopt.tune import continuation
+from tlopt.tune import continuation, replay
 from tlopt.tune.checkpoints import drop_checkpoint, load_checkpoint, save_checkpoint
 from tlopt.tune.context import StudyContext
 from tlopt.tune.continuation import WEIGHTS
@@ -61,6 +61,15 @@ def objective(trial: optuna.Trial, ctx: StudyContext) -> float:
             state = checkpoint()
             retrying("saving a checkpoint", lambda: save_checkpoint(trial, ctx, state))
 
+    same = replay.measured_before(trial, ctx, setup) if grows is None and not history else None
+    if same is not None:  # its epochs were trained before: their figures, no training
+
+        def told(record: EpochRecord, so_far: list[EpochRecord]) -> None:
+            report(trial, ctx.config.pruner.type, record, epochs, so_far)
+
+        done = replay.replay(trial, same, setup, told)
+        seconds = time.perf_counter() - began
+        return _finish(trial, ctx, setup.params, setup.dropout, done, None, seconds)
     try:
         run = train_setup(setup, ctx, on_epoch, resume, start)
     except NonFiniteLoss as exc:
