@@ -2,7 +2,7 @@
 
 A frozen prefix runs BatchNorm on its running statistics: an affine map per channel, which the
 convolution before it can absorb (``torch.nn.utils.fuse_conv_bn_weights``). On this 2-core CPU
-EfficientNet-Lite0's features of 32 images at 288 px took 1.1 s as timm builds it and 0.78 s
+EfficientNet-Lite0's features of 32 images at 288 px took 1.10 s as timm builds it and 0.76 s
 folded (``scripts/bench_fold.py``): the size probe, the head's features, the fine-tuning
 stages' frozen prefixes and the export's descriptors all run such passes.
 
