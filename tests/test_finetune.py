@@ -255,6 +255,11 @@ def test_the_start_of_a_fine_tuning_stage_is_validated_once_per_worker(
     studies.create(config, "head", url)
     work("s/head", url, n_trials=1, device="cpu")
     studies.create(config, "freeze2", url)
+    # Three rates: three points to train (one point twice would be taken, not trained again).
+    rates = config.space_for("freeze2").lr
+    assert isinstance(rates, tuple) and len(rates) >= 3
+    for lr in rates[:3]:
+        studies.load("s/freeze2", url).enqueue_trial({"lr": lr})
     calls = []
     evaluate = trainer.evaluate
     monkeypatch.setattr(trainer, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
