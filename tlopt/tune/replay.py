@@ -47,6 +47,7 @@ def measured_before(
     ours, head = _schedule_free(trial.params), json.loads(json.dumps(ctx.head))  # as stored
     mine = {**dataclasses.asdict(setup.params), "dropout": setup.dropout}
     epochs = setup.params.epochs
+    setting, rates = _schedule_free(mine), _rates(mine, epochs)
     done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     for t in done:
         if is_continuation(t) or SAME_AS in t.user_attrs or t.user_attrs.get(HEAD) != head:
@@ -54,9 +55,9 @@ def measured_before(
         theirs = t.user_attrs.get(ATTR + "train_params")
         if _schedule_free(t.params) != ours or not isinstance(theirs, dict):
             continue
-        if _schedule_free(theirs) != _schedule_free(mine) or not _trained(t, epochs):
+        if _schedule_free(theirs) != setting or not _trained(t, epochs):
             continue
-        if _rates(mine, epochs) == _rates(theirs, epochs):
+        if _rates(theirs, epochs) == rates:
             return t
     return None
 
