@@ -137,3 +137,40 @@ def test_time_the_stages_leave_continues_the_best_fine_tuning_trial(
     values = [t.value for t in trials if t.value is not None]
     head = optuna.load_study(study_name="one/head", storage=url).best_value
     assert manifest["tuned_value"] == min([*values, head])
+
+
+def test_time_left_after_the_continuations_runs_new_points_past_the_budget(
+    tmp_path: Path,
+) -> None:
+    """Each stage's best was continued and time is left before the export: the better stage
+    runs new points past its trial budget while its longest trial still ends before then."""
+    import time
+
+    from tlopt.run.grow import more_points
+    from tlopt.run.held import Held
+    from tlopt.run.placement import Placement
+    from tlopt.tune.plan import StagePlan
+    from tlopt.tune.timebox import Allotment
+
+    path = tmp_path / "m.toml"
+    path.write_text('name = "m"\nseed = 0\nn_trials = 1\n' + TINY_DATA_MODEL
+                    + '[search]\nepochs = [1]\nbatch_size = [32]\nlr = [1e-3]\n'
+                    + '[stages.freeze1]\nepochs = [1]\nlr = [1e-3, 3e-4, 1e-4]\n'
+                    + 'decay = ["constant"]\n')  # fmt: skip
+    url, config = f"sqlite:///{tmp_path / 'm.db'}", load_config(path)
+    for stage in ("head", "freeze1"):
+        studies.create(config, stage, url)
+        work(f"m/{stage}", url, device="cpu")
+    held, said = Held("m", url), []
+    assert held.finished("freeze1") == 1  # its budget
+    plan = StagePlan("freeze1", 0, (1,), {32: 1.0}, 1.0, trial_seconds=1.0)  # 5 s a trial
+    a = Allotment("freeze1", 1, (1,), 10.0)
+    args = (Placement(), said.append, lambda *_: None)
+    assert more_points(held, config, a, plan, time.monotonic() + 4.0, *args) == 0  # none fits
+    assert held.finished("freeze1") == 1 and said == []
+    ran = more_points(held, config, a, plan, time.monotonic() + 90.0, *args)
+    trials = studies.load("m/freeze1", url).trials
+    assert ran == 2 and len(trials) == 3  # the space's other two rates, then it is used up
+    assert sorted(t.params["lr"] for t in trials) == [1e-4, 3e-4, 1e-3]
+    assert not any(continuation.is_continuation(t) for t in trials)
+    assert said[0].startswith("stage freeze1: 1.5 min are left before the export: new points")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import run_in_group
+from tests.conftest import TINY_DATA_MODEL, run_in_group
 from tests.test_tune_command import shapes_folder, tune_in_process, tune_subprocess
 from tlopt.config import StudyConfig, load_config
 from tlopt.durations import format_duration, parse_duration
@@ -296,6 +296,22 @@ def test_a_continuation_takes_the_epochs_that_fit_at_its_batch_size() -> None:
     assert epochs_that_fit(s, 16, 6, room + 5.0) == 0
 
 
+def test_a_stage_holding_a_trial_starts_no_new_one_its_turn_cannot_end() -> None:
+    from tlopt.tune.timebox import TRIAL_OVERHEAD_S, no_new_trial
+
+    # elpv's freeze1: 72 s an epoch, 3-epoch trials; its turn had 0.0 min left after the
+    # continuation, and it started a trial all the same (2.5 min to be pruned).
+    s = StagePlan("freeze1", 2, (3, 6), {8: 72.0, 16: 72.0, 32: 72.0}, 30.0, trial_seconds=8.0)
+    a = Allotment("freeze1", 2, (6, 3), 500.0)  # the shorter choice counts, in any order
+    one = TRIAL_OVERHEAD_S + 8.0 + 3 * 72.0  # 3.8 min
+    why = no_new_trial(s, a, holds=True, left=one - 1.0)
+    assert why == "no new trial fits in the 3.8 min left of its turn (one costs 3.8 min here)"
+    assert no_new_trial(s, a, holds=True, left=-5.0) is not None  # the turn overran: 0.0 min
+    assert no_new_trial(s, a, holds=True, left=one) is None
+    # A stage with no complete trial yet starts one (its first turn, or a first that failed).
+    assert no_new_trial(s, a, holds=False, left=1.0) is None
+
+
 def test_the_second_turn_goes_to_the_stage_with_the_lower_validation_loss(tmp_path: Path) -> None:
     from optuna.trial import create_trial
 
@@ -360,3 +376,26 @@ def test_the_export_reserve_grows_with_the_slowdown_the_trials_measured() -> Non
     assert slowdown([]) == 1.0 and slowdown([0.6, 0.9]) == 1.0  # a faster machine keeps it
     assert slowdown([1.0, 2.0, 3.0]) == 2.0 and slowdown([9.0]) == MAX_SLOWDOWN
     assert slowdown([5.0] * 8 + [1.0] * 8) == 1.0  # the recent trials: the load went away
+
+
+def test_a_trial_budget_the_user_wrote_holds_against_the_time_left(tmp_path: Path) -> None:
+    """The time a run leaves goes to new points past the trial budget only when the user did
+    not set it (--trials, or n_trials in the study file): the default's 20 is not a choice."""
+    from tlopt.run.options import build_config
+
+    data = tmp_path / "photos"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+    keys = ("name", "seed", "trials", "backbone", "weights", "image_size", "epochs")
+
+    def trials_set(config_file: Path | None = None, **flags: object) -> bool:
+        given = dict.fromkeys(keys) | flags
+        return build_config(tmp_path / "run", data, config_file, **given).trials_set
+
+    assert not trials_set(time="20m")
+    assert trials_set(time="20m", trials=5)
+    study = tmp_path / "s.toml"
+    study.write_text('name = "s"\n' + TINY_DATA_MODEL)
+    assert not trials_set(study, time="5m")
+    study.write_text('name = "s"\nn_trials = 3\n' + TINY_DATA_MODEL)
+    assert trials_set(study, time="5m")

@@ -38,12 +38,14 @@ EVERY = "*"  # in RunConfig.fixed: [search] epochs were set, so every stage's ar
 
 @dataclass(frozen=True)
 class RunConfig:
-    """The run's study config, its storage URL, and the stages whose epoch choices the user
-    set (:data:`EVERY`: all of them)."""
+    """The run's study config, its storage URL, the stages whose epoch choices the user set
+    (:data:`EVERY`: all of them), and whether the user set the trial budget (--trials, or a
+    study file's n_trials): the time a run leaves then runs no new points past it."""
 
     config: StudyConfig
     url: str
     fixed: frozenset[str]
+    trials_set: bool = False
 
     def epochs_set(self, stage: str) -> bool:
         return EVERY in self.fixed or stage in self.fixed
@@ -71,6 +73,7 @@ def build_config(out: Path, data: Path | None, config_file: Path | None, **flags
 
     storage = flags.pop("storage", None)
     time_budget = flags.pop("time", None)
+    trials = flags.get("trials")  # the user's, before a folder run's default
     if config_file is not None:
         raw = load_config(config_file, data_path=str(data) if data else None).to_dict()
         written = _written(config_file)  # what the file's text sets, not its defaults
@@ -103,7 +106,8 @@ def build_config(out: Path, data: Path | None, config_file: Path | None, **flags
     config = StudyConfig.from_dict(raw, "tlopt tune")
     if problems := buildable_problems(config.model, config.pruner):  # an unknown backbone
         raise ConfigError("\n".join(f"{key}: {problem}" for key, problem in problems))
-    return RunConfig(config, url, frozenset({EVERY} if every else fixed))
+    trials_set = trials is not None or "n_trials" in written
+    return RunConfig(config, url, frozenset({EVERY} if every else fixed), trials_set)
 
 
 def _written(path: Path) -> dict[str, Any]:

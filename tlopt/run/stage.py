@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -48,6 +50,20 @@ def environ(key: str, value: str | None) -> Iterator[None]:
             os.environ.pop(key, None)
         elif value is not None and old is not None:
             os.environ[key] = old
+
+
+@contextlib.contextmanager
+def sigterm_is_ctrl_c() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt as Ctrl-C does, wherever the run is (the worker loop
+    takes both signals over while it runs, and gives them back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_stage(

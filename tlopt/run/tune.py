@@ -11,11 +11,7 @@ and ends with exit 130.
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,26 +25,12 @@ from tlopt.run.placement import Placement, threads_now
 from tlopt.run.plan import allot_time, export_reserve, measured_plan
 from tlopt.run.record import Clock, RunRecord, check_run_storage, run_storage
 from tlopt.run.size import choose_size, recorded_size, with_size
-from tlopt.run.stage import Box, Say, run_stage
+from tlopt.run.stage import Box, Say, run_stage, sigterm_is_ctrl_c
 from tlopt.run.study_file import write_study_file
 from tlopt.tune.timebox import Allotment
 
 if TYPE_CHECKING:
     from tlopt.tune.plan import Plan
-
-
-@contextlib.contextmanager
-def _sigterm_is_ctrl_c() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt as Ctrl-C does, wherever the run is (the worker loop
-    takes both signals over while it runs, and gives them back)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def tune(
@@ -64,7 +46,7 @@ def tune(
 
     ``flags`` (None: the study file's or the default): name, seed, trials, backbone, weights,
     image_size (a number or "auto"), epochs, storage, time (e.g. "20m"), plan_only."""
-    with _sigterm_is_ctrl_c():
+    with sigterm_is_ctrl_c():
         run = _Run(out, data, config_file, stages, place or Placement(), say, flags)
         try:
             return run.go()
@@ -102,6 +84,7 @@ class _Run:
         self.exporting = False
         self._measured: dict[str, Any] = {}
         self.paces: list[float] = []  # finished trials' seconds over the plan's (timebox.pace)
+        self.trials_set = False  # --trials or the study file's n_trials: no points past it
 
     def go(self) -> dict[str, Any]:
         from tlopt.tune.context import open_config_source
@@ -138,6 +121,7 @@ class _Run:
         config = adopt_rules(config, names, held)  # an older run resumes by its own rules
         written = config  # the study file: what the user set, at the chosen size
         keep = {st for st in names if run.epochs_set(st)}
+        self.trials_set = run.trials_set
         config, taken = adopt_epochs(config, names, held, keep)
         check_studies(config, names, held)
         self.place = threads_now(self.place)  # after the checks, so that a refusal is its one line
@@ -205,7 +189,7 @@ class _Run:
     def _run_stages(self, config: StudyConfig, shares: list[Allotment]) -> None:
         """Each stage in order; with a time budget each gets its share (what one leaves unspent
         goes to the next) and starts no trial whose longest epoch choice cannot end by then."""
-        from tlopt.tune.timebox import BETTER, HOLDS, trial_seconds, turns
+        from tlopt.tune.timebox import BETTER, HOLDS, no_new_trial, trial_seconds, turns
         from tlopt.tune.worker import STOP
 
         assert self.held is not None and self.clock is not None and self.plan is not None
@@ -251,6 +235,9 @@ class _Run:
                     f"before the export and its longest trial costs {longest / 60:.1f} min here"
                 )
                 continue
+            if why := no_new_trial(ours, a, held.best(stage) is not None, until - now):
+                say(f"stage {stage}: {why}")
+                continue
             # The stage runs trials (up to its trial budget) until its time is up: the share's
             # count is what the plan expects, and a stage whose trials run faster runs more.
             cap = max(a.trials, held.remaining(config, stage))
@@ -271,17 +258,24 @@ class _Run:
             raise TloptError("no stage completed a trial in its time: give a longer --time")
         # What the stages left before the export's reserve: more epochs for the best point
         # not yet continued, the better stage's first (a continuation that beat its parent is
-        # such a point), at most MAX_CONTINUATIONS.
-        from tlopt.run.grow import MAX_CONTINUATIONS
+        # such a point), at most MAX_CONTINUATIONS; then new points of the better stage, and
+        # more epochs again for a new best among them.
+        from tlopt.run.grow import MAX_CONTINUATIONS, more_points
 
         tuning = [a.stage for a in shares if a.stage != "head" and a.stage in runs]
-        for _ in range(MAX_CONTINUATIONS):
-            best = held.best_losses(tuning)
-            if not any(
-                self._continue(st, self._stop()) is not None
-                for st in sorted(best, key=best.__getitem__)
-            ):
+        for last in (False, True):
+            for _ in range(MAX_CONTINUATIONS):
+                best = held.best_losses(tuning)
+                if not any(self._continue(st, self._stop()) is not None
+                           for st in sorted(best, key=best.__getitem__)):  # fmt: skip
+                    break
+            if last or self.trials_set or not (best := held.best_losses(tuning)):
                 break
+            st = min(best, key=best.__getitem__)
+            ran = more_points(held, config, by_stage[st], self.plan.stages[self.names.index(st)],
+                              self._stop(), self.place, say, done)  # fmt: skip
+            self.ran[st] = self.ran.get(st, 0) + ran
+            clock.save()
 
     def _stop(self) -> float:
         """When the stages end: the budget's end less the export's reserve (monotonic)."""

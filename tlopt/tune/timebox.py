@@ -93,6 +93,20 @@ def pace(s: StagePlan, seconds: float, epochs: int, batch_size: int) -> float | 
     return seconds / planned if planned > 0 and epochs > 0 else None
 
 
+def no_new_trial(s: StagePlan, a: Allotment, holds: bool, left: float) -> str | None:
+    """Why a stage's turn starts no new trial: it holds a complete trial (``holds``) and its
+    shortest trial does not end in the ``left`` seconds of the turn. elpv's freeze1 started a
+    3-epoch trial with 0.0 min left of its turn: 2.5 min to be pruned, where the continuations
+    after the stages would have used them. None: the turn starts trials."""
+    least = trial_seconds(s, (min(a.epochs),))
+    if not holds or left >= least:
+        return None
+    return (
+        f"no new trial fits in the {max(0.0, left) / 60:.1f} min left of its turn "
+        f"(one costs {least / 60:.1f} min here)"
+    )
+
+
 def slowdown(paces: list[float], recent: int = 8) -> float:
     """How much slower the machine runs than the plan measured: the median of the last
     ``recent`` trials' paces, at least 1 (a faster machine keeps the reserve it has) and at
@@ -264,7 +278,8 @@ def rungs(allotted: list[Allotment], pruner: str, startup: int, warmup: int) -> 
     lines.append(
         "  continuations: time the stages leave before the export continues the best "
         "fine-tuning trial not continued yet, the better stage's first; a trial whose first "
-        "epoch was its best continues at a tenth of its rate"
+        "epoch was its best continues at a tenth of its rate; then new points of the better "
+        "stage, past its trial budget"
     )
     return lines
 
