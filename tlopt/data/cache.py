@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -125,25 +125,13 @@ def _temporary_beside(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def decode_items(source: Source, positions: np.ndarray, image_size: int) -> np.ndarray:
-    """The images at ``positions`` of ``source.items`` at ``image_size``, decoded in memory
-    and not cached: a sample that a size probe scores, at a size the run may never train."""
-    shape = (0, image_size, image_size, 3)
-    items = [source.items[int(i)] for i in positions]
-    chunks = [pixels for _, pixels in _decode_chunks(source, image_size, items)]
-    return np.concatenate(chunks) if chunks else np.zeros(shape, dtype=np.uint8)
-
-
-def _decode_chunks(
-    source: Source, image_size: int, items: Sequence[Item] | None = None
-) -> Iterator[tuple[int, np.ndarray]]:
-    """(start index, decoded images) of ``items`` (default: every item), in order, decoded on a
-    thread pool."""
+def _decode_chunks(source: Source, image_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(start index, decoded images) in item order, decoded on a thread pool."""
 
     def decode(item: Item) -> np.ndarray:
         return resize_square(source.load(item), image_size)
 
-    items = source.items if items is None else items
+    items = source.items
     with bomb_guard(), ThreadPoolExecutor() as pool:
         for start in range(0, len(items), _CHUNK):
             chunk = items[start : start + _CHUNK]

@@ -9,12 +9,6 @@ images the head trains on too: they cost as much as the images again at every si
 the chosen size's serve the head stage, which adds them to the plain views the probe cached
 (``Inputs``) when the plan or its first trial asks for them (issue 28.1).
 
-On a large set every size is scored on the same stratified sample of at most
-:data:`SAMPLE` training and validation images each: a logistic probe's ranking of sizes needs
-no more, and a size not chosen costs only its sample (elpv's 2,624 solar-cell images: 51 and
-63 s for 256 and 288 px on all of them, issue 28.1). The backbone's own size is computed on
-every image all the same, into the head stage's feature cache, since it is the usual choice.
-
 The backbone's own size is probed first (a photo smaller than it may still do best upsampled
 to it: flowers of 128 px probed 1.02 at 128 and 0.76 at 224), then the others smallest first;
 with a time limit the probe leaves out a size whose cost (about the last one's times the ratio
@@ -51,7 +45,6 @@ CONFIDENCE = 0.95  # a larger size is chosen when its loss is lower in this shar
 RESAMPLES = 2000  # bootstrap resamples of the validation images (seeded: the same choice)
 STEPS = (1.0, 8 / 7, 9 / 7, 10 / 7)  # around the backbone's own size: 224 -> 224..320
 SIDE_SAMPLE = 64  # images whose sides are read to know how large the photos are
-SAMPLE = 500  # a larger train (or val) split is probed on a stratified sample of this many
 
 
 @dataclass(frozen=True)
@@ -64,7 +57,6 @@ class ProbeRow:
     c: float
     # Each validation image's log loss (not in the record: the choice is made once).
     losses: tuple[float, ...] = field(default=(), repr=False, compare=False)
-    train: int = 0  # training images the probe fitted on (a sample of a large split)
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: v for k, v in asdict(self).items() if k != "losses"}
@@ -113,26 +105,6 @@ def probe_fit(
     return float(each.mean()), hits, tuple(float(v) for v in each)
 
 
-def sample(y: np.ndarray, most: int, seed: int) -> np.ndarray | None:
-    """Positions of a stratified sample of ``most`` of the labels ``y``, sorted (None: all of
-    them, there are no more than ``most``).
-
-    Example:
-        >>> sample(np.array([0] * 8 + [1] * 4), 6, 0).tolist()
-        [1, 3, 4, 6, 9, 10]
-    """
-    if len(y) <= most:
-        return None
-    from sklearn.model_selection import train_test_split
-
-    counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 and most >= len(counts) else None
-    picked, _ = train_test_split(
-        np.arange(len(y)), train_size=most, stratify=stratify, random_state=seed
-    )
-    return np.sort(picked)
-
-
 def probe_sizes(
     config: StudyConfig,
     source: Source,
@@ -149,7 +121,6 @@ def probe_sizes(
 
     @functools.cache
     def backbone() -> torch.nn.Module:
-        torch.manual_seed(config.seed)  # as a trial's model (random weights: the same ones)
         model = create_backbone(config.model.backbone, config.model.weights, len(source.classes))
         return model.eval().to(device)
 
@@ -174,52 +145,25 @@ def probe_sizes(
         ytr, yva = ctx.split("train").labels.cpu().numpy(), ctx.split("val").labels.cpu().numpy()
         return train, ytr, val, yva
 
-    # The same sample at every size (None: the whole split), as positions in the split.
-    picks = {k: sample(y[index[k]], SAMPLE, config.seed) for k in ("train", "val")}
-
-    def sampled(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The sample's features at ``size``, decoded for it alone (no cache file)."""
-        from tlopt.data.cache import decode_items
-
-        got = []
-        for k in ("train", "val"):
-            at = index[k] if picks[k] is None else index[k][picks[k]]
-            got += [features(decode_items(source, at, size), y[at]), y[at]]
-        return got[0], got[1], got[2], got[3]
-
-    def picked(x: np.ndarray, k: str) -> np.ndarray:
-        return x if picks[k] is None else x[picks[k]]
-
     rows: list[ProbeRow] = []
     began = time.perf_counter()
     native = native_size(backbone())
-    per_image = 0.0  # seconds per image and pixel of the sizes probed so far
     for size in sorted(sizes, key=lambda s: (s != native, s)):  # its own size first
-        whole = size == native or not any(p is not None for p in picks.values())
-        images = sum(len(index[k]) if whole or v is None else len(v) for k, v in picks.items())
         if rows and seconds is not None:
-            expected = per_image * images * size**2
+            expected = rows[-1].seconds * (size / rows[-1].size) ** 2
             if time.perf_counter() - began + expected > seconds:
                 say(f"size probe: {size} px left out (about {expected:.0f} s; its share is spent)")
                 continue
         start = time.perf_counter()
-        if whole and (got := pooled(size)) is not None:
+        if (got := pooled(size)) is not None:
             x, yy, val = got[0], got[1], (got[2], got[3])
-        elif not whole:
-            x, yy, val_x, val_y = sampled(size)
-            val = (val_x, val_y)
         else:  # another head (e.g. a cut backbone's): the export's descriptors
             pixels = decode_source(source, size, cache)
             tr, ytr = pixels[index["train"]], y[index["train"]]
             x, yy = features(tr, ytr), ytr
             val = (features(pixels[index["val"]], y[index["val"]]), y[index["val"]])
-        if whole:  # every image computed (the head's cache): scored on the sample
-            x, yy, val = picked(x, "train"), picked(yy, "train"), (
-                picked(val[0], "val"), picked(val[1], "val"))  # fmt: skip
         (loss, hits, each), c = min((probe_fit((x, yy), val, c), c) for c in C_VALUES)
-        seconds_here = time.perf_counter() - start
-        per_image = seconds_here / max(1, images) / size**2
-        row = ProbeRow(size, seconds_here, loss, hits, len(val[1]), c, each, len(yy))
+        row = ProbeRow(size, time.perf_counter() - start, loss, hits, len(val[1]), c, each)
         say(f"size probe: {size:>4} px  val loss {loss:.4f}  {hits}/{row.val} correct  "
             f"({row.seconds:.0f} s)")  # fmt: skip
         rows.append(row)
@@ -255,8 +199,6 @@ def probe_table(rows: list[ProbeRow], chosen: int) -> list[str]:
     """The probe as comment lines for the study file and the report."""
     lines = [f"image size chosen by a linear probe on the frozen features: {chosen} px"]
     pick = next(r for r in rows if r.size == chosen)
-    if pick.train:  # records made before the sample hold no count
-        lines[0] += f" (fitted on {pick.train} training images, scored on {pick.val} val)"
     for r in rows:
         share = lower_share(r, pick) if r.size != chosen else None
         margin = "" if share is None else f"  chosen lower in {share:.0%} of resamples"
