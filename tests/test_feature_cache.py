@@ -31,6 +31,12 @@ def test_least_recently_used_entries_go_first_and_the_log_says_so(
     assert "feature cache full" in caplog.text and "dropped b" in caplog.text
     assert not cache.put("huge", torch.zeros(1000))  # alone over the budget: not kept
     assert "huge" not in cache and len(cache) == 3
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tlopt.worker"):
+        assert cache.put("e", torch.zeros(200))  # room for two: c, then a, go
+    assert [k for k in "acde" if k in cache] == ["d", "e"]
+    (line,) = [r.getMessage() for r in caplog.records if "feature cache full" in r.getMessage()]
+    assert "dropped c and 1 more (0 MiB) to keep e" in line  # one line for the put
 
 
 def _images(name: str | None) -> ImageSet:

@@ -65,15 +65,22 @@ class FeatureCache:
         if not self.fits(size):
             return False
         self._entries.pop(key, None)
+        dropped: list[tuple[str, int]] = []
         while self._entries and self.bytes + size > self.max_bytes:
-            old, dropped = self._entries.popitem(last=False)
+            old, tensor = self._entries.popitem(last=False)
             self._owners.pop(old, None)
+            dropped.append((old, _size(tensor)))
+        if dropped:  # one line a put (br35h's plan printed seven in a row, one per entry)
+            more = f" and {len(dropped) - 1} more" if len(dropped) > 1 else ""
             log.info(
-                "feature cache full (%.0f MiB): dropped %s (%.0f MiB); raise "
-                "TLOPT_FEATURE_CACHE_GB to keep more",
+                "feature cache full (%.0f MiB): dropped %s%s (%.0f MiB) to keep %s (%.0f MiB); "
+                "raise TLOPT_FEATURE_CACHE_GB to keep more",
                 self.max_bytes / 2**20,
-                old,
-                _size(dropped) / 2**20,
+                dropped[0][0],
+                more,
+                sum(n for _, n in dropped) / 2**20,
+                key,
+                size / 2**20,
             )
         self._entries[key] = tensor
         if owner is not None:
