@@ -33,8 +33,10 @@ def test_least_recently_used_entries_go_first_and_the_log_says_so(
     assert "huge" not in cache and len(cache) == 3
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="tlopt.worker"):
-        assert cache.put("e", torch.zeros(200))  # room for two: c, then a, go
+        assert cache.put("e", torch.ones(200))  # room for two: c, then a, go
     assert [k for k in "acde" if k in cache] == ["d", "e"]
+    kept = cache.get("e")  # the tensor put, not one of those dropped to make room
+    assert kept is not None and kept.shape == (200,) and bool((kept == 1).all())
     (line,) = [r.getMessage() for r in caplog.records if "feature cache full" in r.getMessage()]
     assert "dropped c and 1 more (0 MiB) to keep e" in line  # one line for the put
 

@@ -67,9 +67,9 @@ class FeatureCache:
         self._entries.pop(key, None)
         dropped: list[tuple[str, int]] = []
         while self._entries and self.bytes + size > self.max_bytes:
-            old, tensor = self._entries.popitem(last=False)
+            old, evicted = self._entries.popitem(last=False)
             self._owners.pop(old, None)
-            dropped.append((old, _size(tensor)))
+            dropped.append((old, _size(evicted)))
         if dropped:  # one line a put (br35h's plan printed seven in a row, one per entry)
             more = f" and {len(dropped) - 1} more" if len(dropped) > 1 else ""
             log.info(
