@@ -256,26 +256,32 @@ class _Run:
                 raise TloptError("no head trial completed in its time: give a longer --time")
         if not candidates(held, self.stages):
             raise TloptError("no stage completed a trial in its time: give a longer --time")
-        # What the stages left before the export's reserve: more epochs for the best point
-        # not yet continued, the better stage's first (a continuation that beat its parent is
-        # such a point), at most MAX_CONTINUATIONS; then new points of the better stage, and
-        # more epochs again for a new best among them.
-        from tlopt.run.grow import MAX_CONTINUATIONS, more_points
+        # What the stages left before the export's reserve: continuations (a continuation that
+        # beat its parent may continue), then new points of the better stage, continued too.
+        from tlopt.run.grow import more_points
 
         tuning = [a.stage for a in shares if a.stage != "head" and a.stage in runs]
-        for last in (False, True):
-            for _ in range(MAX_CONTINUATIONS):
-                best = held.best_losses(tuning)
-                if not any(self._continue(st, self._stop()) is not None
-                           for st in sorted(best, key=best.__getitem__)):  # fmt: skip
-                    break
-            if last or self.trials_set or not (best := held.best_losses(tuning)):
-                break
-            st = min(best, key=best.__getitem__)
-            ran = more_points(held, config, by_stage[st], self.plan.stages[self.names.index(st)],
-                              self._stop(), self.place, say, done)  # fmt: skip
-            self.ran[st] = self.ran.get(st, 0) + ran
-            clock.save()
+        self._continue_best(tuning)
+        if self.trials_set or not (best := held.best_losses(tuning)):
+            return
+        st = min(best, key=best.__getitem__)
+        ran = more_points(held, config, by_stage[st], self.plan.stages[self.names.index(st)],
+                          self._stop(), self.place, say, done)  # fmt: skip
+        self.ran[st] = self.ran.get(st, 0) + ran
+        clock.save()
+        self._continue_best(tuning)
+
+    def _continue_best(self, tuning: list[str]) -> None:
+        """Up to MAX_CONTINUATIONS rounds: each continues the best trial not continued yet of
+        the first of ``tuning`` (lowest best loss first) that has one; none left: done."""
+        from tlopt.run.grow import MAX_CONTINUATIONS
+
+        assert self.held is not None
+        for _ in range(MAX_CONTINUATIONS):
+            best = self.held.best_losses(tuning)
+            if not any(self._continue(st, self._stop()) is not None
+                       for st in sorted(best, key=best.__getitem__)):  # fmt: skip
+                return
 
     def _stop(self) -> float:
         """When the stages end: the budget's end less the export's reserve (monotonic)."""
